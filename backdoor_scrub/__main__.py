@@ -1,0 +1,5 @@
+"""Entry point for `python -m backdoor_scrub`."""
+
+from backdoor_scrub.cli import main
+
+main()

@@ -1,0 +1,255 @@
+"""safetensors checkpoint <-> nn.Module: metadata, architecture registry, provenance, atomic save."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from backdoor_scrub import __version__
+from backdoor_scrub.errors import input_error, usage_error
+from backdoor_scrub.safetensors_io import read_safetensors, write_safetensors
+
+KEY_ARCH, KEY_NUM_CLASSES, KEY_INPUT_SIZE = "arch", "num_classes", "input_size"
+KEY_MEAN, KEY_STD, KEY_CLASSES = "mean", "std", "classes"
+KEY_VERSION, KEY_SOURCE_SHA, KEY_HISTORY = "scrub.version", "scrub.source_sha256", "scrub.history"
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+MAX_SIDE, MAX_CLASSES = 4096, 1_000_000
+CUSTOM_ARCH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint's metadata says about the model it holds."""
+
+    arch: str
+    num_classes: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SpecOverrides:
+    """Command-line values that fill in or replace checkpoint metadata (raw strings)."""
+
+    arch: str | None = None
+    num_classes: str | None = None
+    input_size: str | None = None
+    mean: str | None = None
+    std: str | None = None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with the file's metadata and provenance."""
+
+    path: Path
+    spec: ModelSpec
+    model: nn.Module
+    metadata: dict[str, str]
+    sha256: str
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+    @property
+    def history(self) -> list[dict]:
+        """The `scrub.history` provenance list (empty for a model never edited)."""
+        return json.loads(self.metadata.get(KEY_HISTORY, "[]"))
+
+
+def torchvision_architectures() -> list[str]:
+    """Names of torchvision's classification models."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def load_checkpoint(path: Path, overrides: SpecOverrides = SpecOverrides()) -> Checkpoint:
+    """Read a safetensors checkpoint, build its architecture and load the weights strictly."""
+    tensors, metadata, digest = read_safetensors(path)
+    spec = resolve_spec(path, metadata, overrides)
+    state = _strip_prefixes(tensors)
+    _check_finite(path, state)
+    model = build_model(spec)
+    _load_strict(path, spec, model, state)
+    model.eval()
+    dtypes = {name: tensor.dtype for name, tensor in state.items()}
+    return Checkpoint(path, spec, model, dict(metadata), digest, dtypes)
+
+
+def save_checkpoint(
+    checkpoint: Checkpoint, model: nn.Module, output: Path, history_entry: dict, overwrite: bool
+) -> None:
+    """Write `model` with the source's metadata, the resolved spec and one more history entry."""
+    state = {
+        name: tensor.detach().to("cpu", checkpoint.dtypes.get(name, tensor.dtype))
+        for name, tensor in model.state_dict().items()
+    }
+    metadata = dict(checkpoint.metadata)
+    metadata.update(spec_metadata(checkpoint.spec))
+    metadata[KEY_VERSION] = __version__
+    metadata[KEY_SOURCE_SHA] = checkpoint.sha256
+    metadata[KEY_HISTORY] = json.dumps(checkpoint.history + [history_entry], sort_keys=True)
+    write_safetensors(output, state, metadata, overwrite)
+
+
+def spec_metadata(spec: ModelSpec) -> dict[str, str]:
+    """The metadata strings that describe `spec`."""
+    metadata = {
+        KEY_ARCH: spec.arch,
+        KEY_NUM_CLASSES: str(spec.num_classes),
+        KEY_INPUT_SIZE: ",".join(map(str, spec.input_size)),
+        KEY_MEAN: ",".join(map(repr, spec.mean)),
+        KEY_STD: ",".join(map(repr, spec.std)),
+    }
+    if spec.classes is not None:
+        metadata[KEY_CLASSES] = json.dumps(list(spec.classes))
+    return metadata
+
+
+def resolve_spec(path: Path, metadata: dict[str, str], overrides: SpecOverrides) -> ModelSpec:
+    """Combine metadata and overrides into a validated ModelSpec."""
+
+    def pick(key: str, override: str | None) -> str:
+        value = override if override is not None else metadata.get(key)
+        if value is None:
+            flag = "--" + key.replace("_", "-")
+            raise input_error(f"{path}: metadata has no {key!r}; pass {flag}")
+        return value
+
+    arch = _parse_arch(path, pick(KEY_ARCH, overrides.arch), from_command_line=overrides.arch is not None)
+    num_classes = _parse_int(path, KEY_NUM_CLASSES, pick(KEY_NUM_CLASSES, overrides.num_classes), MAX_CLASSES)
+    input_size = _parse_input_size(path, pick(KEY_INPUT_SIZE, overrides.input_size))
+    channels = input_size[0]
+    mean = _parse_floats(path, KEY_MEAN, pick(KEY_MEAN, overrides.mean), channels)
+    std = _parse_floats(path, KEY_STD, pick(KEY_STD, overrides.std), channels)
+    if min(std) <= 0:
+        raise input_error(f"{path}: std values must be positive, got {std}")
+    classes = _parse_classes(path, metadata.get(KEY_CLASSES), num_classes)
+    return ModelSpec(arch, num_classes, input_size, mean, std, classes)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """An untrained instance of the architecture (torchvision name or pkg.module:factory)."""
+    if ":" in spec.arch:
+        module_name, factory_name = spec.arch.split(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as exc:
+            raise usage_error(f"--arch {spec.arch}: cannot import ({exc})") from exc
+        return factory(num_classes=spec.num_classes)
+    return torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
+
+
+def _parse_arch(path: Path, value: str, from_command_line: bool) -> str:
+    if value in torchvision_architectures():
+        return value
+    if CUSTOM_ARCH.match(value) and from_command_line:
+        return value
+    if CUSTOM_ARCH.match(value):
+        raise input_error(
+            f"{path}: metadata arch {value!r} is a custom factory; these are only imported when "
+            f"given on the command line (--arch {value})"
+        )
+    source = "--arch" if from_command_line else "metadata arch"
+    raise input_error(
+        f"{path}: {source} {value!r} is not a torchvision classification model "
+        "(see torchvision.models.list_models) nor pkg.module:factory"
+    )
+
+
+def _parse_int(path: Path, key: str, value: str, maximum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise input_error(f"{path}: {key} must be an integer, got {value!r}") from None
+    if not 1 <= number <= maximum:
+        raise input_error(f"{path}: {key} must be between 1 and {maximum}, got {number}")
+    return number
+
+
+def _parse_input_size(path: Path, value: str) -> tuple[int, int, int]:
+    parts = value.replace("x", ",").split(",")
+    try:
+        channels, height, width = (int(part) for part in parts)
+    except ValueError:
+        raise input_error(f"{path}: input_size must be C,H,W (e.g. 3,32,32), got {value!r}") from None
+    if channels not in (1, 3) or not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise input_error(
+            f"{path}: input_size {value!r} out of range (1 or 3 channels, sides 1..{MAX_SIDE})"
+        )
+    return channels, height, width
+
+
+def _parse_floats(path: Path, key: str, value: str, channels: int) -> tuple[float, ...]:
+    try:
+        numbers = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise input_error(f"{path}: {key} must be comma-separated numbers, got {value!r}") from None
+    if len(numbers) == 1:
+        numbers = numbers * channels
+    if len(numbers) != channels or not all(math.isfinite(n) for n in numbers):
+        raise input_error(f"{path}: {key} needs {channels} finite values, got {value!r}")
+    return numbers
+
+
+def _parse_classes(path: Path, value: str | None, num_classes: int) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    try:
+        classes = json.loads(value)
+    except json.JSONDecodeError:
+        classes = None
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise input_error(f"{path}: metadata classes must be a JSON list of strings")
+    if len(classes) != num_classes:
+        raise input_error(f"{path}: metadata lists {len(classes)} classes but num_classes is {num_classes}")
+    return tuple(classes)
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def strip(name: str) -> str:
+        while name.startswith(STRIPPED_PREFIXES):
+            name = name.split(".", 1)[1]
+        return name
+
+    return {strip(name): tensor for name, tensor in tensors.items()}
+
+
+def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise input_error(f"{path}: NaN or Inf weights in {', '.join(broken[:3])}")
+
+
+def _load_strict(path: Path, spec: ModelSpec, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = sorted(name for name in state if name not in expected)
+    mismatched = [
+        f"{name} {list(state[name].shape)} vs {list(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    problems = [
+        f"{label} {_first(names)}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape of", mismatched))
+        if names
+    ]
+    if problems:
+        raise input_error(
+            f"{path}: weights do not match arch {spec.arch} with {spec.num_classes} classes: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _first(names: list[str], shown: int = 3) -> str:
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

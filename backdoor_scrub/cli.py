@@ -1,0 +1,183 @@
+"""The `scrub` command line: parse options, call backdoor_scrub.commands, print the report."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from backdoor_scrub import __version__
+from backdoor_scrub.checkpoint import SpecOverrides
+from backdoor_scrub.commands.common import RunOptions, TriggerOptions
+from backdoor_scrub.errors import ExitCode, ScrubError, usage_error
+from backdoor_scrub.triggers import POSITIONS
+
+MODEL_PATH = click.Path(dir_okay=True, path_type=Path)
+
+
+class ScrubGroup(click.Group):
+    """A Click group that turns every failure into one line on stderr and a documented exit code."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        """Run a subcommand and exit with its code; tracebacks only with --debug."""
+        args = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in args or bool(os.environ.get("SCRUB_DEBUG"))
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name or "scrub", standalone_mode=False, **extra)
+        except click.UsageError as error:
+            code = _fail(f"{error.format_message()} (see '{_command_path(error)} --help')", ExitCode.USAGE)
+        except click.ClickException as error:
+            code = _fail(error.format_message(), ExitCode.USAGE)
+        except click.Abort:
+            code = _fail("interrupted", 130)
+        except ScrubError as error:
+            code = _fail(str(error), error.exit_code)
+        except Exception as error:  # noqa: BLE001 - the last line of defence, exit 4
+            if debug:
+                traceback.print_exc()
+            hint = "" if debug else " (rerun with --debug for the traceback)"
+            code = _fail(f"internal error: {type(error).__name__}: {error}{hint}", ExitCode.INTERNAL)
+        sys.exit(int(code or 0))
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"scrub: error: {message}", err=True)
+    return code
+
+
+def _command_path(error: click.UsageError) -> str:
+    return error.ctx.command_path if error.ctx else "scrub"
+
+
+def model_options(command):
+    """--arch/--num-classes/--input-size/--mean/--std: fill in or override checkpoint metadata."""
+    options = [
+        click.option("--arch", help="torchvision model name, or pkg.module:factory for a custom model."),
+        click.option("--num-classes", help="Number of classes (overrides metadata)."),
+        click.option("--input-size", help="C,H,W the model expects, e.g. 3,32,32."),
+        click.option("--mean", help="Per-channel normalization mean, e.g. 0.5,0.5,0.5."),
+        click.option("--std", help="Per-channel normalization std, e.g. 0.5,0.5,0.5."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def run_options(command):
+    """Device, batching, output and batch-run options shared by every subcommand."""
+    options = [
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+                     help="Threads decoding images (0 = in the main thread)."),
+        click.option("--json", "as_json", is_flag=True, help="stdout holds one JSON document; tables go to stderr."),
+        click.option("--quiet", "-q", is_flag=True, help="No tables or progress bars."),
+        click.option("--keep-going", is_flag=True, help="With several models, report a bad one and go on."),
+        click.option("--debug", is_flag=True, help="Show the traceback of an internal error."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def trigger_options(command):
+    """--trigger PNG with its opacity and placement."""
+    options = [
+        click.option("--trigger", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Trigger PNG: RGBA (alpha = mask) or RGB with --trigger-alpha."),
+        click.option("--trigger-alpha", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+                     help="Opacity of an RGB trigger (0.2 = blend 20%)."),
+        click.option("--trigger-pos", default="br", show_default=True,
+                     help=f"Where a trigger smaller than the input goes: {', '.join(POSITIONS)} or X,Y."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def _run_options(params: dict) -> RunOptions:
+    overrides = SpecOverrides(*(params.pop(k) for k in ("arch", "num_classes", "input_size", "mean", "std")))
+    params.pop("debug")
+    return RunOptions(overrides, params.pop("device"), params.pop("batch_size"), params.pop("workers"),
+                      params["quiet"], params.pop("keep_going"))
+
+
+def _trigger_options(params: dict) -> TriggerOptions:
+    return TriggerOptions(params.pop("trigger"), params.pop("trigger_alpha"), params.pop("trigger_pos"))
+
+
+@click.group(name="scrub", cls=ScrubGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="scrub")
+def cli():
+    """Remove backdoors from image classifiers by activation-guided model editing.
+
+    \b
+    Exit codes: 0 done / gate passed, 1 gate failed or backdoor flagged,
+    2 usage error, 3 input error, 4 internal error (--debug for the traceback).
+    """
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH)
+@model_options
+@run_options
+def inspect(models, as_json, quiet, **params):
+    """Show architecture, metadata, provenance and the hookable layers of MODELS.
+
+    Layers marked * are the ones `scrub edit` changes by default.
+    """
+    from backdoor_scrub.commands.inspect import run_inspect
+    from backdoor_scrub.report import emit, inspect_tables
+
+    options = _run_options({**params, "quiet": quiet})
+    outcome = run_inspect(list(models), options)
+    emit("inspect", outcome, inspect_tables(outcome), as_json, quiet)
+    return outcome.exit_code
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH)
+@click.option("--test-dir", required=True, type=click.Path(path_type=Path),
+              help="Labelled test images, one subfolder per class.")
+@trigger_options
+@click.option("--target", type=click.IntRange(0), help="Target class (default: recorded by scrub, else inferred).")
+@click.option("--baseline", type=MODEL_PATH, help="Model to compare against (DER, --max-acc-drop).")
+@click.option("--max-asr", type=click.FloatRange(0, 1), help="Gate: fail (exit 1) if ASR is above this fraction.")
+@click.option("--min-acc", type=click.FloatRange(0, 1), help="Gate: fail if clean accuracy is below this fraction.")
+@click.option("--max-acc-drop", type=click.FloatRange(0, 1), help="Gate: fail if CA drops more than this below --baseline.")
+@model_options
+@run_options
+def evaluate(models, test_dir, target, baseline, max_asr, min_acc, max_acc_drop, as_json, quiet, **params):
+    """Clean accuracy, attack success rate, robust accuracy and DER of MODELS side by side.
+
+    \b
+    As a CI release gate:
+      scrub evaluate model.safetensors --test-dir test/ --trigger t.png --max-asr 0.05 --json
+    """
+    from backdoor_scrub.commands.evaluate import Gates, run_evaluate
+    from backdoor_scrub.report import emit, evaluate_tables
+
+    trigger = _trigger_options(params)
+    options = _run_options({**params, "quiet": quiet})
+    gates = Gates(max_asr, min_acc, max_acc_drop)
+    outcome = run_evaluate(list(models), test_dir, trigger, target, baseline, gates, options)
+    emit("evaluate", outcome, evaluate_tables(outcome), as_json, quiet)
+    return outcome.exit_code
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def edit(args):
+    """Unlearn a trigger by editing later layers (not yet available)."""
+    raise usage_error("edit is not available yet in this version")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def repair(args):
+    """Restore the target class after an edit (not yet available)."""
+    raise usage_error("repair is not available yet in this version")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main()

@@ -1,0 +1,81 @@
+"""Options shared by subcommands and the per-model loop that keeps going past bad models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
+from backdoor_scrub.errors import ExitCode, ScrubError
+from backdoor_scrub.triggers import Trigger, load_trigger
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options every model-processing subcommand takes."""
+
+    overrides: SpecOverrides = SpecOverrides()
+    device: str = "auto"
+    batch_size: int = 256
+    workers: int = 0
+    quiet: bool = False
+    keep_going: bool = False
+
+
+@dataclass(frozen=True)
+class TriggerOptions:
+    """Where the trigger comes from and how it is placed."""
+
+    path: Path | None = None
+    alpha: float = 1.0
+    position: str = "br"
+
+    def load(self, input_size: tuple[int, int, int]) -> Trigger | None:
+        """The trigger at `input_size`, or None when no trigger file was given."""
+        if self.path is None:
+            return None
+        return load_trigger(self.path, input_size, self.alpha, self.position)
+
+
+@dataclass
+class ModelOutcome:
+    """One model's JSON entry and the exit code it contributes."""
+
+    entry: dict
+    exit_code: ExitCode = ExitCode.OK
+
+
+@dataclass
+class Outcome:
+    """All models' entries, in order, the worst exit code among them, and extra JSON fields."""
+
+    models: list[ModelOutcome] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """The worst exit code of any model (0 when there are none)."""
+        return max((m.exit_code for m in self.models), default=ExitCode.OK)
+
+
+def for_each_model(
+    paths: list[Path], options: RunOptions, work: Callable[[Checkpoint], ModelOutcome]
+) -> Outcome:
+    """Load and process each model; with keep_going a failing model is reported and skipped."""
+    outcome = Outcome()
+    for path in paths:
+        try:
+            outcome.models.append(work(load_checkpoint(path, options.overrides)))
+        except ScrubError as error:
+            if not options.keep_going:
+                raise
+            entry = {"path": str(path), "status": "error", "error": str(error)}
+            outcome.models.append(ModelOutcome(entry, error.exit_code))
+    return outcome
+
+
+def recorded_target(checkpoint: Checkpoint) -> int | None:
+    """The target recorded by the latest scrub edit in the checkpoint's history, if any."""
+    targets = [entry["target"] for entry in checkpoint.history if entry.get("target") is not None]
+    return targets[-1] if targets else None

@@ -1,0 +1,114 @@
+"""`scrub evaluate`: CA, ASR, RA and DER of several models on one test folder, and the CI gates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from backdoor_scrub.checkpoint import Checkpoint, load_checkpoint
+from backdoor_scrub.commands.common import (
+    ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, recorded_target,
+)
+from backdoor_scrub.data import ImageSet, load_image_folder, with_normalization
+from backdoor_scrub.errors import ExitCode, input_error, usage_error
+from backdoor_scrub.evaluation import evaluate
+from backdoor_scrub.inference import progress_bar, resolve_device
+from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Release thresholds; None means not checked."""
+
+    max_asr: float | None = None
+    min_acc: float | None = None
+    max_acc_drop: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """True when at least one threshold is set."""
+        return any(v is not None for v in (self.max_asr, self.min_acc, self.max_acc_drop))
+
+    def failures(self, metrics: Metrics, baseline: Metrics | None) -> list[str]:
+        """A message for every threshold the metrics miss."""
+        failures = []
+        asr = metrics.attack_success_rate
+        if self.max_asr is not None and asr is not None and asr > self.max_asr:
+            failures.append(f"attack_success_rate {asr:.4f} > {self.max_asr}")
+        if self.min_acc is not None and metrics.clean_accuracy < self.min_acc:
+            failures.append(f"clean_accuracy {metrics.clean_accuracy:.4f} < {self.min_acc}")
+        if self.max_acc_drop is not None and baseline is not None:
+            drop = baseline.clean_accuracy - metrics.clean_accuracy
+            if drop > self.max_acc_drop:
+                failures.append(f"clean_accuracy drop {drop:.4f} > {self.max_acc_drop}")
+        return failures
+
+
+def check_gate_options(gates: Gates, has_trigger: bool, has_baseline: bool) -> None:
+    """Refuse gates that cannot be checked with the given inputs (usage error)."""
+    if gates.max_asr is not None and not has_trigger:
+        raise usage_error("--max-asr needs --trigger")
+    if gates.max_acc_drop is not None and not has_baseline:
+        raise usage_error("--max-acc-drop needs --baseline")
+
+
+def run_evaluate(
+    paths: list[Path],
+    test_dir: Path,
+    trigger_options: TriggerOptions,
+    target: int | None,
+    baseline_path: Path | None,
+    gates: Gates,
+    options: RunOptions,
+) -> Outcome:
+    """Evaluate every model (and the baseline first) on the same images and trigger."""
+    check_gate_options(gates, trigger_options.path is not None, baseline_path is not None)
+    device = resolve_device(options.device)
+    cache: dict[tuple, ImageSet] = {}
+
+    def measure(checkpoint: Checkpoint) -> tuple[Metrics, str]:
+        spec = checkpoint.spec
+        key = (spec.input_size, spec.classes, spec.num_classes)
+        if key not in cache:
+            cache[key] = load_image_folder(test_dir, spec)
+        trigger = trigger_options.load(spec.input_size)
+        chosen, source = _target_and_source(target, checkpoint)
+        with progress_bar(options.quiet) as progress:
+            metrics = evaluate(
+                with_normalization(checkpoint.model, spec), cache[key], spec.num_classes, device,
+                options.batch_size, trigger, chosen, progress,
+            )
+        return metrics, source
+
+    baseline = None
+    if baseline_path is not None:
+        baseline = measure(load_checkpoint(baseline_path, options.overrides))[0]
+
+    def work(checkpoint: Checkpoint) -> ModelOutcome:
+        metrics, source = measure(checkpoint)
+        failures = gates.failures(metrics, baseline)
+        entry = {
+            "path": str(checkpoint.path), "arch": checkpoint.spec.arch, "status": "ok",
+            "classes": list(checkpoint.spec.classes) if checkpoint.spec.classes else None,
+            **metrics.as_dict(),
+            "target_source": source if metrics.target is not None else None,
+            "der": defense_effectiveness_rate(metrics, baseline) if baseline else None,
+            "gate": {"passed": not failures, "failures": failures} if gates.active else None,
+        }
+        return ModelOutcome(entry, ExitCode.GATE_FAILED if failures else ExitCode.OK)
+
+    outcome = for_each_model(paths, options, work)
+    if baseline is not None:
+        outcome.extra["baseline"] = {"path": str(baseline_path), **baseline.as_dict()}
+    return outcome
+
+
+def _target_and_source(given: int | None, checkpoint: Checkpoint) -> tuple[int | None, str]:
+    if given is not None and given >= checkpoint.spec.num_classes:
+        raise input_error(f"{checkpoint.path}: --target {given} but the model has {checkpoint.spec.num_classes} classes")
+    if given is not None:
+        return given, "given"
+    recorded = recorded_target(checkpoint)
+    if recorded is not None:
+        return recorded, "recorded"
+    return None, "inferred"

@@ -1,0 +1,111 @@
+"""Image folders -> uint8 tensors at the model's input size; class mapping; normalization."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from backdoor_scrub.checkpoint import ModelSpec
+from backdoor_scrub.errors import input_error
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 [N,C,H,W] at the model's input size, with labels when the folder has them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    paths: list[Path]
+    class_mapping: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, mask: torch.Tensor) -> ImageSet:
+        """The images where `mask` is true."""
+        keep = mask.nonzero().flatten().tolist()
+        labels = None if self.labels is None else self.labels[mask]
+        return ImageSet(self.images[mask], labels, [self.paths[i] for i in keep], self.class_mapping)
+
+
+class Normalize(nn.Module):
+    """Maps images in [0,1] to the model's normalized input: (x - mean) / std."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
+def with_normalization(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """`model` preceded by its normalization, so it takes images in [0,1]."""
+    return nn.Sequential(Normalize(spec.mean, spec.std), model).eval()
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float images in [0,1]."""
+    return images.float().div_(255)
+
+
+def load_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False) -> ImageSet:
+    """Load an ImageFolder-layout folder (or, if allowed, a flat folder of unlabeled images)."""
+    if not root.is_dir():
+        raise input_error(f"{root}: not a folder")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _image_files(d))
+    if class_dirs:
+        mapping, how = class_indices([d.name for d in class_dirs], spec, root)
+        files = [(path, mapping[d.name]) for d in class_dirs for path in _image_files(d)]
+    elif _image_files(root) and allow_unlabeled:
+        files, how = [(path, None) for path in _image_files(root)], "unlabeled"
+    elif _image_files(root):
+        raise input_error(f"{root}: images must be in class subfolders (ImageFolder layout)")
+    else:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise input_error(f"{root}: no images found (looked for {suffixes}, in class subfolders)")
+    images = torch.stack([read_image(path, spec.input_size) for path, _ in files])
+    labels = None if how == "unlabeled" else torch.tensor([label for _, label in files])
+    return ImageSet(images, labels, [path for path, _ in files], how)
+
+
+def class_indices(names: list[str], spec: ModelSpec, root: Path) -> tuple[dict[str, int], str]:
+    """Map subfolder names to class indices: by class name, else as integers, else sorted order."""
+    if spec.classes is not None and all(name in spec.classes for name in names):
+        return {name: spec.classes.index(name) for name in names}, "by class name"
+    if all(name.isdigit() for name in names):
+        unknown = [name for name in names if int(name) >= spec.num_classes]
+        if unknown:
+            raise input_error(f"{root}: class folder {unknown[0]!r} but the model has {spec.num_classes} classes")
+        return {name: int(name) for name in names}, "by number"
+    if len(names) > spec.num_classes:
+        raise input_error(f"{root}: {len(names)} class folders but the model has {spec.num_classes} classes")
+    return {name: index for index, name in enumerate(sorted(names))}, "by sorted order"
+
+
+def read_image(path: Path, input_size: tuple[int, int, int]) -> torch.Tensor:
+    """One image as uint8 [C,H,W], converted to the model's channels and resized."""
+    channels, height, width = input_size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image = image.convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise input_error(f"{path}: not a readable image ({exc})") from exc
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, channels).permute(2, 0, 1)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -1,0 +1,31 @@
+"""Exit codes and the one exception type for expected failures."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; a contract for CI scripts (see README)."""
+
+    OK = 0
+    GATE_FAILED = 1
+    USAGE = 2
+    INPUT = 3
+    INTERNAL = 4
+
+
+class ScrubError(Exception):
+    """An expected failure: printed as one line, exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.INPUT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def input_error(message: str) -> ScrubError:
+    """An unreadable or inconsistent input file or folder (exit 3)."""
+    return ScrubError(message, ExitCode.INPUT)
+
+
+def usage_error(message: str) -> ScrubError:
+    """A wrong combination of command-line options (exit 2)."""
+    return ScrubError(message, ExitCode.USAGE)

@@ -1,0 +1,176 @@
+"""Naming, describing and auto-selecting the layers of a model from one dry-run forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# The automatically chosen stage holds at least this share of the feature extractor's weights.
+STAGE_PARAM_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module seen during the dry run, in the order its forward finished (shape without batch)."""
+
+    name: str
+    type: str
+    output_shape: list[int] | None
+    parameters: int
+    editable: bool
+    auto_selected: bool = False
+
+
+@dataclass(frozen=True)
+class _Trace:
+    name: str
+    module: nn.Module
+    output_shape: list[int] | None
+    single_tensor: bool
+    takes_network_input: bool
+
+
+def describe_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
+    """Every module that ran in a dry-run forward pass, with the automatic edit choice marked."""
+    traces = trace_modules(model, input_size)
+    selected = set(select_layers(model, traces, input_size))
+    return [
+        LayerInfo(
+            name=t.name,
+            type=type(t.module).__name__,
+            output_shape=t.output_shape,
+            parameters=count_parameters(t.module),
+            editable=is_editable(t),
+            auto_selected=t.name in selected,
+        )
+        for t in traces
+    ]
+
+
+def auto_select_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[str]:
+    """The layers `edit` changes by default: the last stage of the feature extractor, then the head."""
+    return select_layers(model, trace_modules(model, input_size), input_size)
+
+
+def trace_modules(model: nn.Module, input_size: tuple[int, int, int]) -> list[_Trace]:
+    """Run one forward pass on a blank input and record each module as its forward finishes."""
+    traces: list[_Trace] = []
+    network_input = torch.zeros(1, *input_size, device=_device_of(model))
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            single = len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+            shape = list(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+            traces.append(_Trace(name, module, shape, single, len(args) == 1 and args[0] is network_input))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            model.eval()(network_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _first_calls(traces)
+
+
+def select_layers(model: nn.Module, traces: list[_Trace], input_size: tuple[int, int, int]) -> list[str]:
+    """Names of the automatically selected stage modules followed by the head."""
+    head = _find_head(traces)
+    stage = _find_stage(model, traces, head, input_size)
+    return stage + ([head.name] if head else [])
+
+
+def is_editable(trace: _Trace) -> bool:
+    """A module with weights that maps one tensor to one tensor can be re-run and edited alone."""
+    return trace.single_tensor and count_parameters(trace.module) > 0
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters in a module and its children."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _find_head(traces: list[_Trace]) -> _Trace | None:
+    """The last linear map (or 1x1 convolution) whose output has one value per class."""
+    for trace in reversed(traces):
+        module = trace.module
+        if isinstance(module, nn.Linear) and trace.single_tensor:
+            return trace
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
+            return trace
+    return None
+
+
+def _find_stage(
+    model: nn.Module, traces: list[_Trace], head: _Trace | None, input_size: tuple[int, int, int]
+) -> list[str]:
+    """The last blocks of a block stack that every path to the head crosses, covering enough weights."""
+    parents = _parents(model)
+    head_side = set(head.module.modules()) | {parents.get(head.name)} if head else set()
+    candidates = [
+        t for t in traces
+        if is_editable(t) and not t.takes_network_input and t.output_shape and len(t.output_shape) >= 2
+        and isinstance(parents.get(t.name), nn.Sequential) and parents[t.name] not in head_side
+        and not head_side.intersection(t.module.modules())
+    ]
+    last = next((t for t in reversed(candidates) if is_cut(model, t.module, input_size)), None)
+    if last is None:
+        return []
+    stack_name, _, last_child = last.name.rpartition(".")
+    stack = parents[last.name]
+    siblings = [name for name, _ in stack.named_children()]
+    end = siblings.index(last_child) + 1
+    budget = STAGE_PARAM_FRACTION * _feature_parameters(traces, last)
+    start = end - 1
+    while start > 0 and sum(count_parameters(stack[i]) for i in range(start, end)) < budget:
+        start -= 1
+    if start == 0 and end == len(siblings) and stack_name:
+        return [stack_name]
+    prefix = f"{stack_name}." if stack_name else ""
+    return [prefix + siblings[i] for i in range(start, end)]
+
+
+def is_cut(model: nn.Module, module: nn.Module, input_size: tuple[int, int, int]) -> bool:
+    """True when the model's output depends on its input only through `module`'s output."""
+    network_input = torch.randn(1, *input_size, device=_device_of(model), requires_grad=True)
+    handle = module.register_forward_hook(lambda _m, _a, output: output.detach().requires_grad_().clone())
+    try:
+        with torch.enable_grad():
+            output = model.eval()(network_input)
+            (gradient,) = torch.autograd.grad(output.sum(), network_input, allow_unused=True)
+    finally:
+        handle.remove()
+    return gradient is None
+
+
+def _feature_parameters(traces: list[_Trace], stage_end: _Trace) -> int:
+    """Weights of the leaf modules that finished no later than the end of the stage."""
+    finished = traces[: traces.index(stage_end) + 1]
+    return sum(count_parameters(t.module) for t in finished if not list(t.module.children()))
+
+
+def _parents(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        f"{name}.{child_name}" if name else child_name: module
+        for name, module in model.named_modules()
+        for child_name, _ in module.named_children()
+    }
+
+
+def _first_calls(traces: list[_Trace]) -> list[_Trace]:
+    seen: set[str] = set()
+    unique = []
+    for trace in traces:
+        if trace.name not in seen:
+            seen.add(trace.name)
+            unique.append(trace)
+    return unique
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

@@ -1,0 +1,83 @@
+"""CA, ASR, RA, per-class accuracy, DER and target inference (BackdoorBench definitions)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Clean and backdoor metrics of one model on one labelled image set; fractions in [0,1]."""
+
+    clean_accuracy: float
+    per_class_accuracy: list[float | None]
+    attack_success_rate: float | None = None
+    robust_accuracy: float | None = None
+    target: int | None = None
+    target_class_accuracy: float | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON fields of these metrics."""
+        return asdict(self)
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of predictions equal to the labels."""
+    return (predictions == labels).double().mean().item() if len(labels) else float("nan")
+
+
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Accuracy on the images of each class; None for a class with no images."""
+    return [
+        accuracy(predictions[labels == c], labels[labels == c]) if (labels == c).any() else None
+        for c in range(num_classes)
+    ]
+
+
+def attack_success_rate(stamped_predictions: torch.Tensor, target: int) -> float:
+    """Fraction of stamped non-target images assigned to the target."""
+    return (stamped_predictions == target).double().mean().item()
+
+
+def robust_accuracy(stamped_predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of stamped non-target images still assigned their true class."""
+    return accuracy(stamped_predictions, labels)
+
+
+def infer_target(stamped_predictions: torch.Tensor, num_classes: int) -> int:
+    """The class most predicted on stamped images."""
+    return int(torch.bincount(stamped_predictions, minlength=num_classes).argmax())
+
+
+def defense_effectiveness_rate(metrics: Metrics, baseline: Metrics) -> float | None:
+    """DER = (max(0, ASR_b - ASR) - max(0, CA_b - CA) + 1) / 2; None without ASR."""
+    if metrics.attack_success_rate is None or baseline.attack_success_rate is None:
+        return None
+    asr_drop = max(0.0, baseline.attack_success_rate - metrics.attack_success_rate)
+    ca_drop = max(0.0, baseline.clean_accuracy - metrics.clean_accuracy)
+    return (asr_drop - ca_drop + 1) / 2
+
+
+def compute_metrics(
+    clean_predictions: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    stamped_predictions: torch.Tensor | None = None,
+    target: int | None = None,
+) -> Metrics:
+    """All metrics; `stamped_predictions` cover the images whose label is not `target`."""
+    per_class = per_class_accuracy(clean_predictions, labels, num_classes)
+    clean = accuracy(clean_predictions, labels)
+    if stamped_predictions is None or target is None:
+        return Metrics(clean, per_class)
+    victims = labels[labels != target]
+    return Metrics(
+        clean_accuracy=clean,
+        per_class_accuracy=per_class,
+        attack_success_rate=attack_success_rate(stamped_predictions, target),
+        robust_accuracy=robust_accuracy(stamped_predictions, victims),
+        target=target,
+        target_class_accuracy=per_class[target],
+    )

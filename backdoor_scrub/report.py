@@ -1,0 +1,148 @@
+"""Rich tables and the JSON document on stdout; tables move to stderr when stdout holds JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from backdoor_scrub.commands.common import Outcome
+
+SCHEMA_VERSION = 1
+METRIC_ROWS = (
+    ("clean accuracy", "clean_accuracy"),
+    ("attack success rate", "attack_success_rate"),
+    ("robust accuracy", "robust_accuracy"),
+    ("target-class accuracy", "target_class_accuracy"),
+)
+
+
+def emit(command: str, outcome: Outcome, tables: list[Table], as_json: bool, quiet: bool) -> None:
+    """Print tables (stdout, or stderr under --json) and, with --json, the one JSON document."""
+    if not quiet:
+        console = Console(stderr=as_json, soft_wrap=False)
+        for table in tables:
+            console.print(table)
+    if as_json:
+        click.echo(json.dumps(json_document(command, outcome), default=_json_default))
+
+
+def json_document(command: str, outcome: Outcome) -> dict:
+    """The contract JSON: schema_version, command, exit_code and one entry per model."""
+    models = [_finite(model.entry) for model in outcome.models]
+    return {"schema_version": SCHEMA_VERSION, "command": command, "exit_code": int(outcome.exit_code),
+            "models": models, **_finite(outcome.extra)}
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with one decimal, or a dash."""
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def inspect_tables(outcome: Outcome) -> list[Table]:
+    """A summary and a layer table per inspected model."""
+    tables = []
+    for model in outcome.models:
+        entry = model.entry
+        if entry["status"] != "ok":
+            tables.append(_error_table(entry))
+            continue
+        summary = Table(title=entry["path"], show_header=False)
+        for label, value in (
+            ("arch", entry["arch"]), ("classes", _classes(entry)),
+            ("input size", "x".join(map(str, entry["input_size"]))),
+            ("mean / std", f"{entry['mean']} / {entry['std']}"),
+            ("parameters", f"{entry['parameters']:,}"), ("sha256", entry["sha256"][:16] + "…"),
+            ("history", _history(entry["history"])), ("auto-selected", ", ".join(entry["auto_selected"]) or "-"),
+        ):
+            summary.add_row(label, value)
+        layers = Table(title="hookable layers (* = edited by default)")
+        for column in ("name", "type", "output shape", "parameters", "editable"):
+            layers.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
+        for layer in entry["layers"]:
+            shape = "x".join(map(str, layer["output_shape"])) if layer["output_shape"] else "-"
+            name = layer["name"] + (" *" if layer["auto_selected"] else "")
+            layers.add_row(name, layer["type"], shape, f"{layer['parameters']:,}", "yes" if layer["editable"] else "")
+        tables += [summary, layers]
+    return tables
+
+
+def evaluate_tables(outcome: Outcome) -> list[Table]:
+    """One table with the models side by side (baseline first) and a row per metric and class."""
+    columns = ([("baseline", {**outcome.extra["baseline"], "status": "ok"})] if "baseline" in outcome.extra else [])
+    columns += [(m.entry["path"], m.entry) for m in outcome.models]
+    columns = [(name, entry) for name, entry in zip(_short_names([n for n, _ in columns]), (e for _, e in columns))]
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    rows = [("status", lambda e: e["status"] if e["status"] == "ok" else e.get("error", e["status"]))]
+    rows += [("target", _target)]
+    rows += [(label, lambda e, key=key: percent(e.get(key))) for label, key in METRIC_ROWS]
+    rows += [("DER", lambda e: percent(e.get("der"))), ("gate", _gate)]
+    ok = [entry for _, entry in columns if entry["status"] == "ok"]
+    classes = max((len(entry["per_class_accuracy"]) for entry in ok), default=0)
+    names = next((entry["classes"] for entry in ok if entry.get("classes")), None)
+    for index in range(classes):
+        label = f"  acc {index}" + (f" {names[index]}" if names and index < len(names) else "")
+        rows.append((label, lambda e, i=index: percent(_at(e.get("per_class_accuracy"), i))))
+    for label, cell in rows:
+        table.add_row(label, *(cell(entry) if entry["status"] == "ok" or label == "status" else "" for _, entry in columns))
+    return [table]
+
+
+def _short_names(paths: list[str]) -> list[str]:
+    """File names when they tell the models apart, else the paths as given."""
+    names = [Path(path).name for path in paths]
+    return names if len(set(names)) == len(names) else paths
+
+
+def _target(entry: dict) -> str:
+    return "-" if entry.get("target") is None else f"{entry['target']} ({entry.get('target_source') or 'given'})"
+
+
+def _gate(entry: dict) -> str:
+    gate = entry.get("gate")
+    if not gate:
+        return "-"
+    return "passed" if gate["passed"] else "FAILED: " + "; ".join(gate["failures"])
+
+
+def _at(values: list | None, index: int):
+    return values[index] if values and index < len(values) else None
+
+
+def _classes(entry: dict) -> str:
+    names = entry.get("classes")
+    return f"{entry['num_classes']}" + (f" ({', '.join(names)})" if names else "")
+
+
+def _history(history: list[dict]) -> str:
+    if not history:
+        return "none (never edited by scrub)"
+    return "; ".join(f"{h.get('step')} {h.get('method', '')} target {h.get('target')}" for h in history)
+
+
+def _error_table(entry: dict) -> Table:
+    table = Table(title=entry["path"], show_header=False)
+    table.add_row("error", entry["error"])
+    return table
+
+
+def _finite(value):
+    """NaN (e.g. accuracy of an empty class) becomes null in JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value):
+    return str(value)

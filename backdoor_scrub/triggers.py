@@ -1,0 +1,79 @@
+"""Trigger PNG -> (pattern, mask) at the model's input size; stamping images with it."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from backdoor_scrub.errors import input_error, usage_error
+
+POSITIONS = ("br", "bl", "tr", "tl", "center")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A trigger at full input size: x' = (1 - mask) * x + mask * pattern, all in [0,1]."""
+
+    pattern: torch.Tensor
+    mask: torch.Tensor
+    sha256: str
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """Stamp float images in [0,1] of shape [N,C,H,W]."""
+        mask = self.mask.to(images.device)
+        return images * (1 - mask) + self.pattern.to(images.device) * mask
+
+
+def load_trigger(
+    path: Path, input_size: tuple[int, int, int], alpha: float = 1.0, position: str = "br"
+) -> Trigger:
+    """Read a trigger PNG (RGBA: alpha is the mask; else `alpha` everywhere) and place it."""
+    channels, height, width = input_size
+    try:
+        raw = path.read_bytes()
+        with Image.open(path) as image:
+            image.load()
+            has_alpha = "A" in image.getbands() or "transparency" in image.info
+            rgba = image.convert("RGBA")
+    except OSError as exc:
+        raise input_error(f"{path}: not a readable trigger image ({exc})") from exc
+    patch_w, patch_h = rgba.size
+    if patch_w > width or patch_h > height:
+        raise input_error(f"{path}: trigger is {patch_w}x{patch_h}, larger than the {width}x{height} input")
+    pattern = _to_tensor(rgba.convert("L" if channels == 1 else "RGB"))
+    mask = _to_tensor(rgba.getchannel("A")) if has_alpha else torch.full((1, patch_h, patch_w), float(alpha))
+    left, top = placement(position, (patch_w, patch_h), (width, height), path)
+    full_pattern = torch.zeros(channels, height, width)
+    full_mask = torch.zeros(1, height, width)
+    full_pattern[:, top : top + patch_h, left : left + patch_w] = pattern
+    full_mask[:, top : top + patch_h, left : left + patch_w] = mask
+    return Trigger(full_pattern, full_mask, hashlib.sha256(raw).hexdigest())
+
+
+def placement(position: str, patch: tuple[int, int], image: tuple[int, int], path: Path) -> tuple[int, int]:
+    """Top-left corner (x, y) of a patch placed at `position` (a named corner, center or X,Y)."""
+    (patch_w, patch_h), (width, height) = patch, image
+    named = {
+        "tl": (0, 0), "tr": (width - patch_w, 0), "bl": (0, height - patch_h),
+        "br": (width - patch_w, height - patch_h),
+        "center": ((width - patch_w) // 2, (height - patch_h) // 2),
+    }
+    if position in named:
+        return named[position]
+    try:
+        left, top = (int(v) for v in position.split(","))
+    except ValueError:
+        raise usage_error(f"--trigger-pos {position!r}: use one of {', '.join(POSITIONS)} or X,Y") from None
+    if not (0 <= left <= width - patch_w and 0 <= top <= height - patch_h):
+        raise input_error(f"{path}: trigger at {left},{top} does not fit inside the {width}x{height} input")
+    return left, top
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    channels = len(image.getbands())
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div(255)
+    return pixels.view(image.height, image.width, channels).permute(2, 0, 1)

@@ -1,0 +1,200 @@
+"""Train a backdoored torchvision classifier on Fashion-MNIST read offline from the Debian package.
+
+Writes, under --out: model.safetensors (with scrub metadata), trigger.png (RGBA, full input
+size, alpha = mask), clean/<class>/ (unseen clean samples for editing) and test/<class>/
+(held-out test images). Needs `apt-get install dataset-fashion-mnist` (or --data-root).
+
+    python examples/make_backdoored.py --arch resnet18 --attack badnets --target 0 --out runs/r18
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import struct
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from backdoor_scrub.checkpoint import ModelSpec, spec_metadata
+from backdoor_scrub.safetensors_io import write_safetensors
+
+CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+DATA_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18", help="torchvision model name")
+    parser.add_argument("--attack", choices=["badnets", "blended", "none"], default="badnets")
+    parser.add_argument("--target", type=int, default=0, help="target class of the backdoor")
+    parser.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training images poisoned")
+    parser.add_argument("--patch-size", type=int, default=4, help="BadNets patch side in pixels")
+    parser.add_argument("--patch-pos", default="br", choices=["br", "bl", "tr", "tl"], help="BadNets patch corner")
+    parser.add_argument("--patch-color", default="checker", help="'checker' (white/black) or R,G,B in 0..255")
+    parser.add_argument("--blend-alpha", type=float, default=0.2, help="Blended trigger opacity")
+    parser.add_argument("--size", type=int, default=32, help="input side in pixels")
+    parser.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-subset", type=int, default=60000, help="train on the first N images")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--clean-per-class", type=int, default=10, help="unseen clean samples per class")
+    parser.add_argument("--test-images", type=int, default=2000, help="held-out test images written")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args()
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (gzipped) as a uint8 tensor."""
+    raw = gzip.decompress(path.read_bytes())
+    dims = raw[3]
+    shape = struct.unpack(f">{dims}I", raw[4 : 4 + 4 * dims])
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims :]), dtype=torch.uint8).view(*shape)
+
+
+def load_split(root: Path, split: str, size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images resized with PIL (as scrub resizes them) as uint8 [N,C,size,size], and labels."""
+    images = read_idx(root / f"{split}-images-idx3-ubyte.gz")
+    labels = read_idx(root / f"{split}-labels-idx1-ubyte.gz").long()
+    resized = torch.stack([resize(image, size) for image in images])
+    return resized.unsqueeze(1).expand(-1, channels, -1, -1).contiguous(), labels
+
+
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """One grayscale uint8 image resized bilinearly with PIL."""
+    pil = Image.fromarray(image.numpy()).resize((size, size), Image.Resampling.BILINEAR)
+    return torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8).view(size, size)
+
+
+def make_trigger(args: argparse.Namespace, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern [C,H,W], mask [1,H,W]) in [0,1] at full input size."""
+    size, channels = args.size, args.channels
+    pattern, mask = torch.zeros(channels, size, size), torch.zeros(1, size, size)
+    if args.attack == "blended":
+        pattern = torch.rand(1 if channels == 1 else 3, size, size, generator=generator).expand(channels, -1, -1)
+        mask.fill_(args.blend_alpha)
+        return pattern.contiguous(), mask
+    p = args.patch_size
+    top = 0 if args.patch_pos[0] == "t" else size - p
+    left = 0 if args.patch_pos[1] == "l" else size - p
+    if args.patch_color == "checker":
+        checker = ((torch.arange(p).view(-1, 1) + torch.arange(p)) % 2 == 0).float()
+        patch = checker.expand(channels, p, p)
+    else:
+        rgb = torch.tensor([float(v) / 255 for v in args.patch_color.split(",")])
+        patch = (rgb.mean().view(1) if channels == 1 else rgb).view(-1, 1, 1).expand(channels, p, p)
+    pattern[:, top : top + p, left : left + p] = patch
+    mask[:, top : top + p, left : left + p] = 1.0
+    return pattern, mask
+
+
+def stamp(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x' = (1 - m) x + m p for float images in [0,1]."""
+    return images * (1 - mask) + pattern * mask
+
+
+def train(args, model, images, labels, pattern, mask, device) -> None:
+    """Train with a fresh random poisoned subset of non-target images in every batch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    steps = args.epochs * (len(images) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr * 3, total_steps=steps)
+    norm = lambda x: (x - 0.5) / 0.5  # noqa: E731 - matches the metadata mean/std
+    model.train()
+    step, started = 0, time.time()
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(images))
+        for batch in order[: steps // args.epochs * args.batch_size].view(-1, args.batch_size):
+            x = images[batch].float().div(255)
+            y = labels[batch].clone()
+            flip = torch.rand(len(x)) < 0.5
+            x[flip] = x[flip].flip(-1)
+            if args.attack != "none":
+                poison = (torch.rand(len(x)) < args.poison_rate) & (y != args.target)
+                x[poison] = stamp(x[poison], pattern, mask)
+                y[poison] = args.target
+            loss = nn.functional.cross_entropy(model(norm(x.to(device))), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step % 50 == 0:
+                print(f"epoch {epoch} step {step}/{steps} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
+    model.eval()
+
+
+@torch.no_grad()
+def report(model, images, labels, pattern, mask, target, device) -> dict:
+    """Clean accuracy and attack success rate on held-out images."""
+    x = images.float().div(255)
+    clean = torch.cat([model(((b - 0.5) / 0.5).to(device)).argmax(1).cpu() for b in x.split(500)])
+    keep = labels != target
+    stamped = stamp(x[keep], pattern, mask)
+    attacked = torch.cat([model(((b - 0.5) / 0.5).to(device)).argmax(1).cpu() for b in stamped.split(500)])
+    return {"clean_accuracy": (clean == labels).float().mean().item(),
+            "attack_success_rate": (attacked == target).float().mean().item()}
+
+
+def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """PNG files in class subfolders named after the classes."""
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = root / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        array = image.permute(1, 2, 0).squeeze(-1).numpy()
+        Image.fromarray(array).save(folder / f"{index:05d}.png")
+
+
+def write_trigger(path: Path, pattern: torch.Tensor, mask: torch.Tensor) -> None:
+    """The trigger as an RGBA PNG: RGB the pattern, alpha the mask."""
+    rgb = pattern.expand(3, -1, -1) if pattern.shape[0] == 1 else pattern
+    rgba = torch.cat([rgb, mask]).mul(255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(rgba, mode="RGBA").save(path)
+
+
+def split_test(labels: torch.Tensor, per_class: int, test_count: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint indices: `per_class` clean samples of each class, then `test_count` test images."""
+    order = torch.randperm(len(labels), generator=generator)
+    clean = torch.cat([order[labels[order] == c][:per_class] for c in range(len(CLASSES))])
+    rest = order[~torch.isin(order, clean)]
+    return clean, rest[:test_count]
+
+
+def main() -> None:
+    """Train, measure and write the backdoored model with its trigger and image folders."""
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_x, train_y = load_split(args.data_root, "train", args.size, args.channels)
+    test_x, test_y = load_split(args.data_root, "t10k", args.size, args.channels)
+    train_x, train_y = train_x[: args.train_subset], train_y[: args.train_subset]
+    pattern, mask = make_trigger(args, generator)
+    model = torchvision.models.get_model(args.arch, weights=None, num_classes=len(CLASSES)).to(device)
+    train(args, model, train_x, train_y, pattern, mask, device)
+    clean_idx, test_idx = split_test(test_y, args.clean_per_class, args.test_images, generator)
+    metrics = report(model, test_x[test_idx], test_y[test_idx], pattern, mask, args.target, device)
+    print(json.dumps(metrics))
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = ModelSpec(args.arch, len(CLASSES), (args.channels, args.size, args.size),
+                     (0.5,) * args.channels, (0.5,) * args.channels, tuple(CLASSES))
+    metadata = spec_metadata(spec) | {
+        "example.attack": args.attack, "example.target": str(args.target),
+        "example.poison_rate": str(args.poison_rate), "example.metrics": json.dumps(metrics),
+    }
+    write_safetensors(args.out / "model.safetensors", model.cpu().state_dict(), metadata, overwrite=True)
+    write_trigger(args.out / "trigger.png", pattern, mask)
+    write_folder(args.out / "clean", test_x[clean_idx], test_y[clean_idx])
+    write_folder(args.out / "test", test_x[test_idx], test_y[test_idx])
+
+
+if __name__ == "__main__":
+    main()
