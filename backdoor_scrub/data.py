@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,11 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def load_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False) -> ImageSet:
-    """Load an ImageFolder-layout folder (or, if allowed, a flat folder of unlabeled images)."""
+def load_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False, workers: int = 0) -> ImageSet:
+    """Load an ImageFolder-layout folder (or, if allowed, a flat folder of unlabeled images).
+
+    With `workers` > 0 the images are decoded by that many threads.
+    """
     if not root.is_dir():
         raise input_error(f"{root}: not a folder")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _image_files(d))
@@ -72,9 +76,15 @@ def load_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False
     else:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise input_error(f"{root}: no images found (looked for {suffixes}, in class subfolders)")
-    images = torch.stack([read_image(path, spec.input_size) for path, _ in files])
+    paths = [path for path, _ in files]
+    if workers > 0:
+        with ThreadPoolExecutor(workers) as pool:
+            decoded = list(pool.map(read_image, paths, [spec.input_size] * len(paths)))
+    else:
+        decoded = [read_image(path, spec.input_size) for path in paths]
+    images = torch.stack(decoded)
     labels = None if how == "unlabeled" else torch.tensor([label for _, label in files])
-    return ImageSet(images, labels, [path for path, _ in files], how)
+    return ImageSet(images, labels, paths, how)
 
 
 def class_indices(names: list[str], spec: ModelSpec, root: Path) -> tuple[dict[str, int], str]:

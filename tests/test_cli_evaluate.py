@@ -77,7 +77,7 @@ def test_several_models_side_by_side_with_baseline_and_der(demo):
     copy = demo / "copy.safetensors"
     copy.write_bytes(model.read_bytes())
     result = run_scrub("evaluate", model, copy, "--test-dir", demo / "test", "--trigger", demo / "trigger.png",
-                       "--baseline", model, "--max-acc-drop", "0.01", "--json")
+                       "--baseline", model, "--max-acc-drop", "0.01", "--json", "--workers", "2")
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert [m["path"] for m in document["models"]] == [str(model), str(copy)]

@@ -70,7 +70,7 @@ def run_evaluate(
         spec = checkpoint.spec
         key = (spec.input_size, spec.classes, spec.num_classes)
         if key not in cache:
-            cache[key] = load_image_folder(test_dir, spec)
+            cache[key] = load_image_folder(test_dir, spec, workers=options.workers)
         trigger = trigger_options.load(spec.input_size)
         chosen, source = _target_and_source(target, checkpoint)
         with progress_bar(options.quiet) as progress:

@@ -1,0 +1,22 @@
+# Set-up and checks; README.md names `make demo` and `make test`.
+PYTHON ?= python3
+DEMO := examples/demo
+
+.PHONY: install demo test benchmark-evaluate
+
+install:
+	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+
+demo: install
+	scrub inspect $(DEMO)/model.safetensors
+	@echo "--- the release gate fails on the backdoored demo model (exit 1 expected):"
+	-scrub evaluate $(DEMO)/model.safetensors --test-dir $(DEMO)/test --trigger $(DEMO)/trigger.png --max-asr 0.05
+
+test: install
+	$(PYTHON) -m pytest -q
+
+benchmark-evaluate: install
+	$(PYTHON) examples/make_backdoored.py --arch resnet18 --epochs 2 --train-subset 40000 --target 3 --out runs/r18_badnets
+	$(PYTHON) examples/benchmark_evaluate.py --model runs/r18_badnets/model.safetensors \
+		--test-dir runs/r18_badnets/test --trigger runs/r18_badnets/trigger.png
