@@ -14,12 +14,13 @@ import torchvision
 from torch import nn
 
 from backdoor_scrub import __version__
+from backdoor_scrub.contract import (
+    KEY_ARCH, KEY_CLASSES, KEY_HISTORY, KEY_INPUT_SIZE, KEY_MEAN, KEY_NUM_CLASSES, KEY_SOURCE_SHA, KEY_STD,
+    KEY_VERSION,
+)
 from backdoor_scrub.errors import input_error, usage_error
 from backdoor_scrub.safetensors_io import read_safetensors, write_safetensors
 
-KEY_ARCH, KEY_NUM_CLASSES, KEY_INPUT_SIZE = "arch", "num_classes", "input_size"
-KEY_MEAN, KEY_STD, KEY_CLASSES = "mean", "std", "classes"
-KEY_VERSION, KEY_SOURCE_SHA, KEY_HISTORY = "scrub.version", "scrub.source_sha256", "scrub.history"
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 MAX_SIDE, MAX_CLASSES = 4096, 1_000_000
 CUSTOM_ARCH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

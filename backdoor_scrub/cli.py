@@ -11,10 +11,8 @@ from pathlib import Path
 import click
 
 from backdoor_scrub import __version__
-from backdoor_scrub.checkpoint import SpecOverrides
-from backdoor_scrub.commands.common import RunOptions, TriggerOptions
-from backdoor_scrub.errors import ExitCode, ScrubError, usage_error
-from backdoor_scrub.triggers import POSITIONS
+from backdoor_scrub.contract import TRIGGER_POSITIONS, ExitCode
+from backdoor_scrub.errors import ScrubError, usage_error
 
 MODEL_PATH = click.Path(dir_okay=True, path_type=Path)
 
@@ -34,7 +32,7 @@ class ScrubGroup(click.Group):
         except click.ClickException as error:
             code = _fail(error.format_message(), ExitCode.USAGE)
         except click.Abort:
-            code = _fail("interrupted", 130)
+            code = _fail("interrupted", ExitCode.INTERRUPTED)
         except ScrubError as error:
             code = _fail(str(error), error.exit_code)
         except Exception as error:  # noqa: BLE001 - the last line of defence, exit 4
@@ -89,19 +87,24 @@ def trigger_options(command):
         click.option("--trigger-alpha", type=click.FloatRange(0, 1), default=1.0, show_default=True,
                      help="Opacity of an RGB trigger (0.2 = blend 20%)."),
         click.option("--trigger-pos", default="br", show_default=True,
-                     help=f"Where a trigger smaller than the input goes: {', '.join(POSITIONS)} or X,Y."),
+                     help=f"Where a trigger smaller than the input goes: {', '.join(TRIGGER_POSITIONS)} or X,Y."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
 
-def _run_options(params: dict) -> RunOptions:
+def _run_options(params: dict):
+    from backdoor_scrub.checkpoint import SpecOverrides
+    from backdoor_scrub.commands.common import RunOptions
+
     overrides = SpecOverrides(*(params.pop(k) for k in ("arch", "num_classes", "input_size", "mean", "std")))
     params.pop("debug")
     return RunOptions(overrides, params.pop("device"), params.pop("batch_size"), params.pop("workers"),
                       params["quiet"], params.pop("keep_going"))
 
 
-def _trigger_options(params: dict) -> TriggerOptions:
+def _trigger_options(params: dict):
+    from backdoor_scrub.commands.common import TriggerOptions
+
     return TriggerOptions(params.pop("trigger"), params.pop("trigger_alpha"), params.pop("trigger_pos"))
 
 

@@ -1,16 +1,6 @@
 """Exit codes and the one exception type for expected failures."""
 
-from enum import IntEnum
-
-
-class ExitCode(IntEnum):
-    """Process exit codes; a contract for CI scripts (see README)."""
-
-    OK = 0
-    GATE_FAILED = 1
-    USAGE = 2
-    INPUT = 3
-    INTERNAL = 4
+from backdoor_scrub.contract import ExitCode
 
 
 class ScrubError(Exception):

@@ -11,8 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backdoor_scrub.commands.common import Outcome
-
-SCHEMA_VERSION = 1
+from backdoor_scrub.contract import SCHEMA_VERSION
 METRIC_ROWS = (
     ("clean accuracy", "clean_accuracy"),
     ("attack success rate", "attack_success_rate"),

@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from backdoor_scrub.contract import TRIGGER_POSITIONS
 from backdoor_scrub.errors import input_error, usage_error
-
-POSITIONS = ("br", "bl", "tr", "tl", "center")
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def placement(position: str, patch: tuple[int, int], image: tuple[int, int], pat
     try:
         left, top = (int(v) for v in position.split(","))
     except ValueError:
-        raise usage_error(f"--trigger-pos {position!r}: use one of {', '.join(POSITIONS)} or X,Y") from None
+        raise usage_error(f"--trigger-pos {position!r}: use one of {', '.join(TRIGGER_POSITIONS)} or X,Y") from None
     if not (0 <= left <= width - patch_w and 0 <= top <= height - patch_h):
         raise input_error(f"{path}: trigger at {left},{top} does not fit inside the {width}x{height} input")
     return left, top

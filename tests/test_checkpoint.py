@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from backdoor_scrub.checkpoint import ModelSpec, SpecOverrides, load_checkpoint, save_checkpoint, spec_metadata
-from backdoor_scrub.errors import ExitCode, ScrubError
+from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.errors import ScrubError
 from backdoor_scrub.safetensors_io import serialize, write_safetensors
 from tests.conftest import DEMO, write_model
 

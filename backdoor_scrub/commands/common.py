@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
-from backdoor_scrub.errors import ExitCode, ScrubError
+from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.errors import ScrubError
 from backdoor_scrub.triggers import Trigger, load_trigger
 
 

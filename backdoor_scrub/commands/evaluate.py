@@ -10,7 +10,8 @@ from backdoor_scrub.commands.common import (
     ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, recorded_target,
 )
 from backdoor_scrub.data import ImageSet, load_image_folder, with_normalization
-from backdoor_scrub.errors import ExitCode, input_error, usage_error
+from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.errors import input_error, usage_error
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.inference import progress_bar, resolve_device
 from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
