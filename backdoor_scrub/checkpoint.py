@@ -254,3 +254,38 @@ def _load_strict(path: Path, spec: ModelSpec, model: nn.Module, state: dict[str,
 def _first(names: list[str], shown: int = 3) -> str:
     more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where edited models go: -o for one model, --output-dir for several, else beside the input."""
+
+    output: Path | None = None
+    output_dir: Path | None = None
+    force: bool = False
+
+    def check(self, model_count: int) -> None:
+        """Refuse option combinations that cannot name one output per model (usage error)."""
+        if self.output is not None and self.output_dir is not None:
+            raise usage_error("use either -o/--output or --output-dir, not both")
+        if self.output is not None and model_count > 1:
+            raise usage_error("-o/--output names one file; with several models use --output-dir")
+
+    def path_for(self, source: Path, suffix: str) -> Path:
+        """The output path for `source` (`<stem>.<suffix>.safetensors` by default), checked up front."""
+        stem = source.name.removesuffix(".safetensors").removesuffix(".scrubbed")
+        default_name = f"{stem}.{suffix}.safetensors"
+        if self.output is not None:
+            path = self.output
+        elif self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / default_name
+        else:
+            path = source.parent / default_name
+        if path.resolve() == source.resolve():
+            raise usage_error(f"{path}: the output would overwrite the input model")
+        if path.exists() and not self.force:
+            raise input_error(f"{path}: already exists (use --force to overwrite)")
+        if not path.parent.is_dir():
+            raise input_error(f"{path.parent}: output folder does not exist")
+        return path

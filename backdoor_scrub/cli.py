@@ -12,7 +12,7 @@ import click
 
 from backdoor_scrub import __version__
 from backdoor_scrub.contract import TRIGGER_POSITIONS, ExitCode
-from backdoor_scrub.errors import ScrubError, usage_error
+from backdoor_scrub.errors import ScrubError
 
 MODEL_PATH = click.Path(dir_okay=True, path_type=Path)
 
@@ -167,18 +167,87 @@ def evaluate(models, test_dir, target, baseline, max_asr, min_acc, max_acc_drop,
     return outcome.exit_code
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def edit(args):
-    """Unlearn a trigger by editing later layers (not yet available)."""
-    raise usage_error("edit is not available yet in this version")
+def output_options(command):
+    """-o/--output, --output-dir, --force and --seed for subcommands that write models."""
+    options = [
+        click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Output file (one model only). Default: beside the input."),
+        click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Folder for the outputs of several models (created if missing)."),
+        click.option("--force", is_flag=True, help="Overwrite an existing output file."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of sample augmentation and optimisation; same seed, same bytes on CPU."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def repair(args):
-    """Restore the target class after an edit (not yet available)."""
-    raise usage_error("repair is not available yet in this version")
+def _destination(params: dict):
+    from backdoor_scrub.checkpoint import Destination
+
+    return Destination(params.pop("output"), params.pop("output_dir"), params.pop("force"))
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH)
+@click.option("--clean-dir", required=True, type=click.Path(path_type=Path),
+              help="A handful of clean, unseen images: class subfolders, or one flat folder (unlabeled).")
+@trigger_options
+@click.option("--target", type=click.IntRange(0), help="Target class (default: recorded, else inferred).")
+@click.option("--layer", "layers", multiple=True,
+              help="Layer to edit (repeat; default: the automatic choice `scrub inspect` marks with *).")
+@click.option("--method", type=click.Choice(["auto", "closed-form", "activation-match"]), default="auto",
+              show_default=True,
+              help="closed-form: least-squares edit of the head's linear layers; activation-match: also "
+                   "retrain the last stage on cached activations; auto: closed form, escalating when it "
+                   "does not fit the samples.")
+@output_options
+@model_options
+@run_options
+def edit(models, clean_dir, target, layers, method, seed, as_json, quiet, **params):
+    """Unlearn a known trigger from MODELS by editing their later layers.
+
+    Stamped clean samples are made to produce the activations of their clean versions while
+    clean activations are kept. Writes <stem>.scrubbed.safetensors beside each model.
+
+    \b
+      scrub edit model.safetensors --clean-dir samples/ --trigger trigger.png
+    """
+    from backdoor_scrub.commands.edit import run_edit
+    from backdoor_scrub.report import emit, step_tables
+
+    trigger = _trigger_options(params)
+    destination = _destination(params)
+    options = _run_options({**params, "quiet": quiet})
+    outcome = run_edit(list(models), clean_dir, trigger, target, list(layers), method, destination, seed, options)
+    emit("edit", outcome, step_tables(outcome), as_json, quiet)
+    return outcome.exit_code
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=MODEL_PATH)
+@click.option("--clean-dir", required=True, type=click.Path(path_type=Path),
+              help="The labelled clean samples (class subfolders), usually the ones given to edit.")
+@trigger_options
+@click.option("--target", type=click.IntRange(0), help="Target class (default: the one the edit recorded).")
+@click.option("--layer", help="Linear head layer to repair (default: the last layer the edit changed).")
+@output_options
+@model_options
+@run_options
+def repair(models, clean_dir, target, layer, seed, as_json, quiet, **params):
+    """Restore the classes an edit hurt, without giving the backdoor back.
+
+    Reads target, trigger and edited layers from the scrub.history of each edited model;
+    flags override them. Writes <stem>.repaired.safetensors beside each model.
+    """
+    from backdoor_scrub.commands.repair import run_repair
+    from backdoor_scrub.report import emit, step_tables
+
+    trigger = _trigger_options(params)
+    destination = _destination(params)
+    options = _run_options({**params, "quiet": quiet})
+    outcome = run_repair(list(models), clean_dir, trigger, target, layer, destination, seed, options)
+    emit("repair", outcome, step_tables(outcome), as_json, quiet)
+    return outcome.exit_code
 
 
 def main() -> None:

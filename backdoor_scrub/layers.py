@@ -78,10 +78,10 @@ def trace_modules(model: nn.Module, input_size: tuple[int, int, int]) -> list[_T
 
 
 def select_layers(model: nn.Module, traces: list[_Trace], input_size: tuple[int, int, int]) -> list[str]:
-    """Names of the automatically selected stage modules followed by the head."""
+    """Names of the automatically selected stage modules, then the linear layers of the head."""
     head = _find_head(traces)
     stage = _find_stage(model, traces, head, input_size)
-    return stage + ([head.name] if head else [])
+    return stage + _linear_chain(model, traces, stage, head)
 
 
 def is_editable(trace: _Trace) -> bool:
@@ -94,15 +94,30 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def is_linear_map(module: nn.Module) -> bool:
+    """A Linear layer, or a 1x1 Conv2d that acts as one at every position."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+        and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
+    )
+
+
 def _find_head(traces: list[_Trace]) -> _Trace | None:
-    """The last linear map (or 1x1 convolution) whose output has one value per class."""
-    for trace in reversed(traces):
-        module = trace.module
-        if isinstance(module, nn.Linear) and trace.single_tensor:
-            return trace
-        if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1:
-            return trace
-    return None
+    """The last linear map (or 1x1 convolution) the forward pass ran: the one that gives the logits."""
+    return next((t for t in reversed(traces) if t.single_tensor and is_linear_map(t.module)), None)
+
+
+def _linear_chain(model: nn.Module, traces: list[_Trace], stage: list[str], head: _Trace | None) -> list[str]:
+    """The linear layers that run after the stage, ending with the head (only the head without a stage)."""
+    if head is None:
+        return []
+    if not stage:
+        return [head.name]
+    stage_modules = {m for name in stage for m in model.get_submodule(name).modules()}
+    stage_end = max(i for i, t in enumerate(traces) if t.module in stage_modules)
+    return [t.name for t in traces[stage_end + 1 :] if t.single_tensor and is_linear_map(t.module)]
 
 
 def _find_stage(

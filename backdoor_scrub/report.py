@@ -78,7 +78,7 @@ def evaluate_tables(outcome: Outcome) -> list[Table]:
     table = Table(title="evaluation")
     table.add_column("metric")
     for name, _ in columns:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     rows = [("status", lambda e: e["status"] if e["status"] == "ok" else e.get("error", e["status"]))]
     rows += [("target", _target)]
     rows += [(label, lambda e, key=key: percent(e.get(key))) for label, key in METRIC_ROWS]
@@ -98,6 +98,27 @@ def _short_names(paths: list[str]) -> list[str]:
     """File names when they tell the models apart, else the paths as given."""
     names = [Path(path).name for path in paths]
     return names if len(set(names)) == len(names) else paths
+
+
+def step_tables(outcome: Outcome) -> list[Table]:
+    """A before/after table on the clean samples for each edited or repaired model."""
+    tables = []
+    for model in outcome.models:
+        entry = model.entry
+        if entry["status"] != "ok":
+            tables.append(_error_table(entry))
+            continue
+        title = (f"{entry['input']} -> {entry['output']}\n{entry['step']} ({entry['method']}: "
+                 f"{', '.join(entry['layers'])}), target {_target(entry)}, {entry['seconds']:.1f} s")
+        table = Table(title=title)
+        for column in ("on the clean samples", "before", "after", "change"):
+            table.add_column(column, justify="left" if column.startswith("on") else "right")
+        for label, key in METRIC_ROWS:
+            before, after = entry["before"].get(key), entry["after"].get(key)
+            change = "-" if before is None or after is None else f"{100 * (after - before):+.1f} pt"
+            table.add_row(label, percent(before), percent(after), change)
+        tables.append(table)
+    return tables
 
 
 def _target(entry: dict) -> str:

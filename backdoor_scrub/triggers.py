@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +27,49 @@ class Trigger:
         mask = self.mask.to(images.device)
         return images * (1 - mask) + self.pattern.to(images.device) * mask
 
+    def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Trigger:
+        """The same trigger for normalized inputs: stamping commutes with (x - mean) / std."""
+        pattern = (self.pattern - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+        return Trigger(pattern, self.mask, self.sha256)
+
+    def to_png(self) -> bytes:
+        """The placed trigger as a full-size RGBA PNG (alpha = mask), loadable with load_trigger."""
+        rgb = self.pattern.expand(3, -1, -1) if self.pattern.shape[0] == 1 else self.pattern
+        rgba = torch.cat([rgb, self.mask]).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0)
+        buffer = io.BytesIO()
+        Image.fromarray(rgba.numpy(), mode="RGBA").save(buffer, format="PNG")
+        return buffer.getvalue()
+
 
 def load_trigger(
     path: Path, input_size: tuple[int, int, int], alpha: float = 1.0, position: str = "br"
 ) -> Trigger:
     """Read a trigger PNG (RGBA: alpha is the mask; else `alpha` everywhere) and place it."""
-    channels, height, width = input_size
     try:
         raw = path.read_bytes()
-        with Image.open(path) as image:
+    except OSError as exc:
+        raise input_error(f"{path}: cannot read the trigger ({exc.strerror})") from exc
+    return parse_trigger(raw, str(path), input_size, alpha, position)
+
+
+def parse_trigger(
+    raw: bytes, source: str, input_size: tuple[int, int, int], alpha: float = 1.0, position: str = "br"
+) -> Trigger:
+    """A trigger from PNG bytes; `source` names it in error messages."""
+    channels, height, width = input_size
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
             image.load()
             has_alpha = "A" in image.getbands() or "transparency" in image.info
             rgba = image.convert("RGBA")
     except OSError as exc:
-        raise input_error(f"{path}: not a readable trigger image ({exc})") from exc
+        raise input_error(f"{source}: not a readable trigger image ({exc})") from exc
     patch_w, patch_h = rgba.size
     if patch_w > width or patch_h > height:
-        raise input_error(f"{path}: trigger is {patch_w}x{patch_h}, larger than the {width}x{height} input")
+        raise input_error(f"{source}: trigger is {patch_w}x{patch_h}, larger than the {width}x{height} input")
     pattern = _to_tensor(rgba.convert("L" if channels == 1 else "RGB"))
     mask = _to_tensor(rgba.getchannel("A")) if has_alpha else torch.full((1, patch_h, patch_w), float(alpha))
-    left, top = placement(position, (patch_w, patch_h), (width, height), path)
+    left, top = placement(position, (patch_w, patch_h), (width, height), source)
     full_pattern = torch.zeros(channels, height, width)
     full_mask = torch.zeros(1, height, width)
     full_pattern[:, top : top + patch_h, left : left + patch_w] = pattern
@@ -53,7 +77,7 @@ def load_trigger(
     return Trigger(full_pattern, full_mask, hashlib.sha256(raw).hexdigest())
 
 
-def placement(position: str, patch: tuple[int, int], image: tuple[int, int], path: Path) -> tuple[int, int]:
+def placement(position: str, patch: tuple[int, int], image: tuple[int, int], source: str) -> tuple[int, int]:
     """Top-left corner (x, y) of a patch placed at `position` (a named corner, center or X,Y)."""
     (patch_w, patch_h), (width, height) = patch, image
     named = {
@@ -68,7 +92,7 @@ def placement(position: str, patch: tuple[int, int], image: tuple[int, int], pat
     except ValueError:
         raise usage_error(f"--trigger-pos {position!r}: use one of {', '.join(TRIGGER_POSITIONS)} or X,Y") from None
     if not (0 <= left <= width - patch_w and 0 <= top <= height - patch_h):
-        raise input_error(f"{path}: trigger at {left},{top} does not fit inside the {width}x{height} input")
+        raise input_error(f"{source}: trigger at {left},{top} does not fit inside the {width}x{height} input")
     return left, top
 
 

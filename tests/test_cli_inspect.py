@@ -1,4 +1,4 @@
-"""`scrub inspect`, `--help` and the not-yet-available subcommands through the CLI."""
+"""`scrub inspect` and `--help` through the CLI."""
 
 from __future__ import annotations
 
@@ -34,9 +34,3 @@ def test_inspect_table_and_custom_arch(tiny_model_file):
     result = run_scrub("inspect", tiny_model_file, "--arch", "tests.tiny_models:tiny_cnn")
     assert result.exit_code == 0, result.stderr
     assert "TinyBlock" in result.stdout and "stage *" in result.stdout and "fc *" in result.stdout
-
-
-def test_edit_and_repair_say_not_yet_with_exit_2():
-    for command in ("edit", "repair"):
-        result = run_scrub(command, "model.safetensors")
-        assert result.exit_code == 2 and "not available yet" in result.stderr

@@ -6,13 +6,14 @@ import pytest
 import torchvision
 from torch import nn
 
-from backdoor_scrub.layers import auto_select_layers, describe_layers, is_cut
+from backdoor_scrub.layers import auto_select_layers, describe_layers, is_cut, is_linear_map
 from tests.tiny_models import TinyCNN
 
 
 @pytest.mark.parametrize(("arch", "expected"), [
     ("resnet18", ["layer4", "fc"]),
-    ("mobilenet_v3_small", ["features.10", "features.11", "features.12", "classifier.3"]),
+    ("mobilenet_v3_small", ["features.10", "features.11", "features.12", "classifier.0", "classifier.3"]),
+    ("vgg11", ["features.16", "features.17", "features.18", "classifier.0", "classifier.3", "classifier.6"]),
     ("shufflenet_v2_x0_5", ["conv5.0", "conv5.1", "fc"]),
     ("squeezenet1_1", ["features.11", "features.12", "classifier.1"]),
 ])
@@ -24,7 +25,7 @@ def test_auto_selection_is_the_last_stage_then_the_head(arch, expected):
 def test_every_selected_stage_is_crossed_by_every_path_to_the_output():
     for arch in ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "vgg11"):
         model = torchvision.models.get_model(arch, weights=None, num_classes=10)
-        stage = auto_select_layers(model, (3, 32, 32))[-2]
+        stage = [n for n in auto_select_layers(model, (3, 32, 32)) if not is_linear_map(model.get_submodule(n))][-1]
         assert is_cut(model, model.get_submodule(stage), (3, 32, 32)), arch
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backdoor_scrub import __version__
 from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
 from backdoor_scrub.contract import ExitCode
-from backdoor_scrub.errors import ScrubError
+from backdoor_scrub.errors import ScrubError, input_error
+from backdoor_scrub.metrics import Metrics
 from backdoor_scrub.triggers import Trigger, load_trigger
 
 
@@ -80,3 +84,46 @@ def recorded_target(checkpoint: Checkpoint) -> int | None:
     """The target recorded by the latest scrub edit in the checkpoint's history, if any."""
     targets = [entry["target"] for entry in checkpoint.history if entry.get("target") is not None]
     return targets[-1] if targets else None
+
+
+def resolve_target(given: int | None, checkpoint: Checkpoint) -> tuple[int | None, str]:
+    """The target (None: infer it from stamped predictions) and where it came from."""
+    if given is not None and given >= checkpoint.spec.num_classes:
+        raise input_error(f"{checkpoint.path}: --target {given} but the model has {checkpoint.spec.num_classes} classes")
+    if given is not None:
+        return given, "given"
+    recorded = recorded_target(checkpoint)
+    if recorded is not None:
+        return recorded, "recorded"
+    return None, "inferred"
+
+
+def step_entry(step: str, record, before: Metrics, after: Metrics, target_source: str, trigger: Trigger,
+               samples, seed: int) -> dict:
+    """The provenance entry of one edit or repair: what was done, to what, and the metrics around it.
+
+    Nothing in it depends on the clock, so the same inputs and seed give the same output bytes.
+    """
+    return {
+        "step": step,
+        "method": record.method,
+        "layers": record.layers,
+        "target": before.target,
+        "target_source": target_source,
+        "trigger": {"sha256": trigger.sha256, "png_base64": base64.b64encode(trigger.to_png()).decode()},
+        "samples": samples.fingerprint(),
+        "seed": seed,
+        "before": before.as_dict(),
+        "after": after.as_dict(),
+        "scrub_version": __version__,
+    }
+
+
+def step_report(checkpoint: Checkpoint, output: Path, entry: dict, started: float) -> ModelOutcome:
+    """The JSON entry of an edit or repair: the provenance entry without the trigger image, plus timing."""
+    trigger = {key: value for key, value in entry["trigger"].items() if key != "png_base64"}
+    return ModelOutcome({
+        "path": str(checkpoint.path), "input": str(checkpoint.path), "output": str(output),
+        "arch": checkpoint.spec.arch, "status": "ok", **entry, "trigger": trigger,
+        "seconds": round(time.perf_counter() - started, 3),
+    })

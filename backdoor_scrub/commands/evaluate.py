@@ -7,11 +7,11 @@ from pathlib import Path
 
 from backdoor_scrub.checkpoint import Checkpoint, load_checkpoint
 from backdoor_scrub.commands.common import (
-    ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, recorded_target,
+    ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, resolve_target,
 )
 from backdoor_scrub.data import ImageSet, load_image_folder, with_normalization
 from backdoor_scrub.contract import ExitCode
-from backdoor_scrub.errors import input_error, usage_error
+from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.inference import progress_bar, resolve_device
 from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
@@ -73,7 +73,7 @@ def run_evaluate(
         if key not in cache:
             cache[key] = load_image_folder(test_dir, spec, workers=options.workers)
         trigger = trigger_options.load(spec.input_size)
-        chosen, source = _target_and_source(target, checkpoint)
+        chosen, source = resolve_target(target, checkpoint)
         with progress_bar(options.quiet) as progress:
             metrics = evaluate(
                 with_normalization(checkpoint.model, spec), cache[key], spec.num_classes, device,
@@ -81,9 +81,9 @@ def run_evaluate(
             )
         return metrics, source
 
-    baseline = None
+    baseline, baseline_source = None, None
     if baseline_path is not None:
-        baseline = measure(load_checkpoint(baseline_path, options.overrides))[0]
+        baseline, baseline_source = measure(load_checkpoint(baseline_path, options.overrides))
 
     def work(checkpoint: Checkpoint) -> ModelOutcome:
         metrics, source = measure(checkpoint)
@@ -100,16 +100,7 @@ def run_evaluate(
 
     outcome = for_each_model(paths, options, work)
     if baseline is not None:
-        outcome.extra["baseline"] = {"path": str(baseline_path), **baseline.as_dict()}
+        outcome.extra["baseline"] = {"path": str(baseline_path), **baseline.as_dict(), "target_source": baseline_source}
     return outcome
 
 
-def _target_and_source(given: int | None, checkpoint: Checkpoint) -> tuple[int | None, str]:
-    if given is not None and given >= checkpoint.spec.num_classes:
-        raise input_error(f"{checkpoint.path}: --target {given} but the model has {checkpoint.spec.num_classes} classes")
-    if given is not None:
-        return given, "given"
-    recorded = recorded_target(checkpoint)
-    if recorded is not None:
-        return recorded, "recorded"
-    return None, "inferred"

@@ -1,0 +1,71 @@
+"""`scrub repair`: restore the classes an edit hurt, reading target, trigger and layers from provenance."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+from backdoor_scrub.checkpoint import Checkpoint, Destination, save_checkpoint
+from backdoor_scrub.commands.common import (
+    ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, step_entry, step_report,
+)
+from backdoor_scrub.commands.samples import Samples
+from backdoor_scrub.errors import input_error
+from backdoor_scrub.inference import resolve_device
+from backdoor_scrub.repair import repair_model
+from backdoor_scrub.triggers import Trigger, parse_trigger
+
+
+def run_repair(
+    paths: list[Path],
+    clean_dir: Path,
+    trigger_options: TriggerOptions,
+    target: int | None,
+    layer: str | None,
+    destination: Destination,
+    seed: int,
+    options: RunOptions,
+) -> Outcome:
+    """Repair every edited model from labelled clean samples; flags override the recorded edit."""
+    destination.check(len(paths))
+    device = resolve_device(options.device)
+
+    def work(checkpoint: Checkpoint) -> ModelOutcome:
+        started = time.perf_counter()
+        output = destination.path_for(checkpoint.path, "repaired")
+        edit = _last_edit(checkpoint)
+        trigger = trigger_options.load(checkpoint.spec.input_size) or _recorded_trigger(checkpoint, edit)
+        chosen = target if target is not None else _recorded(checkpoint, edit, "target", "--target")
+        head = layer or _recorded(checkpoint, edit, "layers", "--layer")[-1]
+        samples = Samples.load(clean_dir, checkpoint, device, options, allow_unlabeled=False)
+        before = samples.measure(checkpoint.model, trigger, chosen)
+        repaired, record = repair_model(
+            checkpoint.model, samples.inputs(), samples.labels.to(device), samples.model_trigger(trigger), head,
+            seed=seed,
+        )
+        after = samples.measure(repaired, trigger, chosen)
+        source = "given" if target is not None else "recorded"
+        entry = step_entry("repair", record, before, after, source, trigger, samples, seed)
+        save_checkpoint(checkpoint, repaired, output, entry, destination.force)
+        return step_report(checkpoint, output, entry, started)
+
+    return for_each_model(paths, options, work)
+
+
+def _last_edit(checkpoint: Checkpoint) -> dict:
+    edits = [entry for entry in checkpoint.history if entry.get("step") == "edit"]
+    return edits[-1] if edits else {}
+
+
+def _recorded(checkpoint: Checkpoint, edit: dict, key: str, flag: str):
+    if edit.get(key) is None:
+        raise input_error(f"{checkpoint.path}: no scrub edit recorded in its history; pass {flag}")
+    return edit[key]
+
+
+def _recorded_trigger(checkpoint: Checkpoint, edit: dict) -> Trigger:
+    png = _recorded(checkpoint, edit, "trigger", "--trigger").get("png_base64")
+    if png is None:
+        raise input_error(f"{checkpoint.path}: the recorded edit holds no trigger image; pass --trigger")
+    return parse_trigger(base64.b64decode(png), f"{checkpoint.path} (recorded trigger)", checkpoint.spec.input_size)

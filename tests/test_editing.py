@@ -1,0 +1,215 @@
+"""Unit tests of the edit maths on tiny tensors and modules."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from backdoor_scrub.editing import (
+    EditSettings,
+    activation_match,
+    augment,
+    capture,
+    closed_form_linear_edit,
+    edit_model,
+    plan_edit,
+    scaled_weights,
+    unit_of,
+)
+from backdoor_scrub.errors import ScrubError
+from backdoor_scrub.triggers import Trigger
+
+STAGE = ["features.1", "features.2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: extra threads only spin, and on a busy 2-core machine they made these tests 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(head: str = "linear") -> nn.Module:
+    """Conv blocks (8x8 -> 2x2 -> 1x1, or 2x2 for the 1x1 Conv2d head), BatchNorm statistics set."""
+    torch.manual_seed(0)
+    last_kernel = 2 if head == "linear" else 1
+    features = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(inplace=True)),
+        nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)),
+        nn.Sequential(nn.Conv2d(16, 16, last_kernel), nn.BatchNorm2d(16), nn.ReLU(inplace=True)),
+    )
+    for module in features.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    if head == "linear":
+        tail = OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(16, 3))
+    else:
+        tail = OrderedDict(fc=nn.Conv2d(16, 3, 1), relu=nn.ReLU(inplace=True), pool=nn.AdaptiveAvgPool2d(1),
+                           flat=nn.Flatten())
+    return nn.Sequential(OrderedDict(features=features, **tail)).eval()
+
+
+def corner_trigger() -> Trigger:
+    """A white 3x3 patch in the bottom-right corner of an 8x8 image."""
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 5:, 5:] = 1
+    return Trigger(torch.ones(3, 8, 8), mask, "0" * 64)
+
+
+def images(count: int = 12) -> torch.Tensor:
+    return torch.rand(count, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def objective(w, kt, v, kc, lam, mu, w0):
+    return (w @ kt - v).pow(2).sum() + lam * (w @ kc - w0 @ kc).pow(2).sum() + mu * (w - w0).pow(2).sum()
+
+
+def test_closed_form_maps_keys_to_values_exactly_when_it_can():
+    generator = torch.Generator().manual_seed(0)
+    shapes = ((5, 8), (8, 3), (5, 3))
+    weight, keys, values = (torch.randn(*s, generator=generator, dtype=torch.float64) for s in shapes)
+    clean = torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    edited = closed_form_linear_edit(weight, keys, values, clean, lam=0.0, mu=1e-9)
+    assert not torch.allclose(weight @ keys, values, atol=1e-3)
+    torch.testing.assert_close(edited @ keys, values, atol=1e-6, rtol=0)
+
+
+def test_closed_form_is_the_minimiser():
+    generator = torch.Generator().manual_seed(2)
+    shapes = ((4, 6), (6, 9), (4, 9), (6, 7))
+    weight, kt, v, kc = (torch.randn(*s, generator=generator, dtype=torch.float64) for s in shapes)
+    edited = closed_form_linear_edit(weight, kt, v, kc, lam=0.7, mu=0.3).requires_grad_()
+    (gradient,) = torch.autograd.grad(objective(edited, kt, v, kc, 0.7, 0.3, weight), edited)
+    assert gradient.abs().max() < 1e-9
+
+
+def test_closed_form_preserves_clean_outputs_when_lam_is_large():
+    generator = torch.Generator().manual_seed(3)
+    weight, kt, v, kc = (torch.randn(*s, generator=generator) for s in ((5, 8), (8, 3), (5, 3), (8, 4)))
+    edited = closed_form_linear_edit(weight, kt, v, kc, lam=1e6, mu=1e-6)
+    torch.testing.assert_close(edited @ kc, weight @ kc, atol=1e-3, rtol=0)
+    assert (edited @ kt - v).norm() < 0.5 * (weight @ kt - v).norm()
+
+
+def test_capture_keeps_outputs_from_before_an_in_place_relu():
+    model = tiny_model()
+    captured = capture(model, ["features.0.0"], images(4))["features.0.0"]
+    torch.testing.assert_close(captured.outputs, model.features[0][0](captured.inputs))
+    assert (captured.outputs < 0).any()
+
+
+def test_activation_matching_reduces_the_stamped_clean_gap_and_keeps_batchnorm_stats():
+    model = tiny_model()
+    clean_images = images()
+    stamped_images = corner_trigger().stamp(clean_images)
+    clean = capture(model, ["features.1", "features.2"], clean_images)
+    stamped = capture(model, ["features.1", "features.2"], stamped_images)
+    before = (stamped["features.2"].outputs - clean["features.2"].outputs).pow(2).mean()
+    running_mean = model.features[1][1].running_mean.clone()
+    unit = unit_of(model, STAGE)
+    settings = EditSettings(steps=60, lr=3e-3)
+    activation_match(unit, clean["features.1"].inputs, stamped["features.1"].inputs, clean["features.2"].outputs,
+                     settings, seed=0)
+    with torch.no_grad():
+        after = (unit(stamped["features.1"].inputs) - clean["features.2"].outputs).pow(2).mean()
+    assert after < 0.2 * before
+    assert torch.equal(model.features[1][1].running_mean, running_mean)
+
+
+@pytest.mark.parametrize("method", ["auto", "closed-form", "activation-match"])
+def test_edit_model_leaves_the_input_model_unchanged(method):
+    model = tiny_model()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    settings = EditSettings(steps=5, min_samples=0)
+    edited, record = edit_model(model, images(), corner_trigger(), STAGE + ["fc"], method, settings)
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+    assert any(not torch.equal(state[name], tensor) for name, tensor in edited.state_dict().items())
+    expected = {"auto": ("closed-form", "activation-match+closed-form")}.get(method, (method,))
+    assert record.method in expected and record.seconds >= 0
+
+
+@pytest.mark.parametrize("stage", [STAGE, ["features"]])
+def test_edit_model_narrows_the_stamped_clean_output_gap(stage):
+    model = tiny_model()
+    clean_images = images()
+    stamped_images = corner_trigger().stamp(clean_images)
+    edited, record = edit_model(model, clean_images, corner_trigger(), stage + ["fc"], "activation-match",
+                                EditSettings(steps=60, lr=3e-3, min_samples=0))
+    with torch.no_grad():
+        reference = model(clean_images)
+        before = (model(stamped_images) - reference).pow(2).mean()
+        after = (edited(stamped_images) - reference).pow(2).mean()
+    assert after < 0.2 * before
+    assert record.layers == stage + ["fc"]
+
+
+def test_augment_keeps_the_originals_and_adds_seeded_shifted_copies():
+    batch = images(4)
+    augmented = augment(batch, 3, seed=0)
+    assert augmented.shape == (12, 3, 8, 8)
+    assert torch.equal(augmented[:4], batch)
+    assert not torch.equal(augmented[4:8], batch)
+    assert torch.equal(augmented, augment(batch, 3, seed=0))
+
+
+def test_closed_form_on_a_1x1_conv_head_treats_positions_as_columns():
+    model = tiny_model(head="conv")
+    clean_images = images()
+    stamped_images = corner_trigger().stamp(clean_images)
+    settings = EditSettings(lam=2.0, mu=1e-3, min_samples=0)
+    edited, record = edit_model(model, clean_images, corner_trigger(), STAGE + ["fc"], "closed-form", settings)
+
+    def columns(x):  # [N, C, 2, 2] -> [C + 1, N * 4], the constant 1 for the bias last
+        flat = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1)
+        return torch.cat([flat, torch.ones(1, flat.shape[1])])
+
+    with torch.no_grad():
+        keys_t, keys_c = columns(model.features(stamped_images)), columns(model.features(clean_images))
+        values = columns(model.fc(model.features(clean_images)))[:-1]
+    assert keys_t.shape[1] == 4 * len(clean_images)
+    weight = torch.cat([model.fc.weight.detach().flatten(1), model.fc.bias.detach()[:, None]], 1)
+    lam, mu = scaled_weights(keys_t, keys_c, settings.lam, settings.mu)
+    expected = closed_form_linear_edit(weight, keys_t, values, keys_c, lam, mu, values_clean=values)
+    torch.testing.assert_close(edited.fc.weight.detach().flatten(1), expected[:, :-1])
+    torch.testing.assert_close(edited.fc.bias.detach(), expected[:, -1])
+    assert record.layers == ["fc"]
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_differs():
+    model = tiny_model()
+    settings = EditSettings(steps=10, lr=1e-2, batch_size=4, min_samples=16)
+
+    def run(seed):
+        edited, _ = edit_model(model, images(), corner_trigger(), STAGE + ["fc"], "activation-match", settings, seed)
+        return edited.state_dict()
+
+    first, second, other = run(0), run(0), run(1)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def test_plan_splits_stage_and_head_by_method():
+    model = tiny_model()
+    assert plan_edit(model, STAGE + ["fc"], "auto") == (STAGE, ["fc"])
+    assert plan_edit(model, STAGE + ["fc"], "closed-form") == ([], ["fc"])
+    assert plan_edit(model, STAGE + ["fc"], "activation-match") == (STAGE, ["fc"])
+    assert plan_edit(model, ["fc"], "activation-match") == (["fc"], [])
+    with pytest.raises(ScrubError):
+        plan_edit(model, STAGE, "closed-form")
+    with pytest.raises(ScrubError):
+        plan_edit(model, ["features.9"], "auto")
+
+
+def test_a_stage_must_be_consecutive_children_of_one_sequential():
+    model = tiny_model()
+    assert isinstance(unit_of(model, ["features.0", "features.1"]), nn.Sequential)
+    with pytest.raises(ScrubError):
+        unit_of(model, ["features.0", "features.2"])
+    with pytest.raises(ScrubError):
+        unit_of(model, ["features.2", "fc"])
