@@ -9,9 +9,16 @@ install:
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 
 demo: install
-	scrub inspect $(DEMO)/model.safetensors
-	@echo "--- the release gate fails on the backdoored demo model (exit 1 expected):"
+	@rm -rf runs/demo && mkdir -p runs/demo
+	@echo "--- 1. the release gate fails on the backdoored demo model (exit 1 expected):"
 	-scrub evaluate $(DEMO)/model.safetensors --test-dir $(DEMO)/test --trigger $(DEMO)/trigger.png --max-asr 0.05
+	@echo "--- 2. edit: unlearn the trigger from 10 clean samples per class"
+	scrub edit $(DEMO)/model.safetensors --clean-dir $(DEMO)/clean --trigger $(DEMO)/trigger.png -o runs/demo/model.scrubbed.safetensors
+	@echo "--- 3. repair: restore the classes the edit hurt (target and trigger read from the edit's provenance)"
+	scrub repair runs/demo/model.scrubbed.safetensors --clean-dir $(DEMO)/clean -o runs/demo/model.repaired.safetensors
+	@echo "--- 4. the gate passes on the scrubbed model, side by side with the original"
+	scrub evaluate runs/demo/model.scrubbed.safetensors runs/demo/model.repaired.safetensors \
+		--baseline $(DEMO)/model.safetensors --test-dir $(DEMO)/test --trigger $(DEMO)/trigger.png --max-asr 0.05
 
 test: install
 	$(PYTHON) -m pytest -q

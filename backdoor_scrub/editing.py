@@ -20,14 +20,13 @@ METHODS = ("auto", "closed-form", "activation-match")
 
 @dataclass(frozen=True)
 class EditSettings:
-    """Constants of the edit. lam, mu, preserve and pull are relative weights, independent of sample count."""
+    """Constants of the edit. lam, mu and preserve are relative weights, independent of sample count."""
 
     lam: float = 3.0
     mu: float = 1e-5
     steps: int = 50
     lr: float = 3e-3
     preserve: float = 1.0
-    pull: float = 0.0
     batch_size: int = 256
     min_samples: int = 100
     max_flip_rate: float = 0.10
@@ -217,9 +216,7 @@ def activation_match(
     """Adam on `unit`'s weights alone (in place, eval mode): unit(stamped) -> clean outputs, clean kept."""
     unit.eval()
     parameters = list(unit.parameters())
-    originals = [p.detach().clone() for p in parameters]
     scale = clean_outputs.pow(2).mean().clamp_min(1e-12)
-    weight_scale = sum(p.pow(2).sum() for p in originals).clamp_min(1e-12)
     optimizer = torch.optim.Adam(parameters, lr=settings.lr)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
@@ -231,8 +228,7 @@ def activation_match(
             target = clean_outputs[index]
             match = (unit(stamped_inputs[index]) - target).pow(2).mean()
             keep = (unit(clean_inputs[index]) - target).pow(2).mean()
-            drift = sum((p - o).pow(2).sum() for p, o in zip(parameters, originals)) / weight_scale
-            loss = (match + settings.preserve * keep) / scale + settings.pull * drift
+            loss = (match + settings.preserve * keep) / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

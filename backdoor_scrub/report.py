@@ -74,7 +74,7 @@ def evaluate_tables(outcome: Outcome) -> list[Table]:
     """One table with the models side by side (baseline first) and a row per metric and class."""
     columns = ([("baseline", {**outcome.extra["baseline"], "status": "ok"})] if "baseline" in outcome.extra else [])
     columns += [(m.entry["path"], m.entry) for m in outcome.models]
-    columns = [(name, entry) for name, entry in zip(_short_names([n for n, _ in columns]), (e for _, e in columns))]
+    columns = list(zip(_short_names([name for name, _ in columns]), [entry for _, entry in columns]))
     table = Table(title="evaluation")
     table.add_column("metric")
     for name, _ in columns:
