@@ -85,9 +85,9 @@ def load_checkpoint(path: Path, overrides: SpecOverrides = SpecOverrides()) -> C
 
 
 def save_checkpoint(
-    checkpoint: Checkpoint, model: nn.Module, output: Path, history_entry: dict, overwrite: bool
+    checkpoint: Checkpoint, model: nn.Module, output: Path, history_entries: list[dict], overwrite: bool
 ) -> None:
-    """Write `model` with the source's metadata, the resolved spec and one more history entry."""
+    """Write `model` with the source's metadata, the resolved spec and the new history entries."""
     state = {
         name: tensor.detach().to("cpu", checkpoint.dtypes.get(name, tensor.dtype))
         for name, tensor in model.state_dict().items()
@@ -96,7 +96,7 @@ def save_checkpoint(
     metadata.update(spec_metadata(checkpoint.spec))
     metadata[KEY_VERSION] = __version__
     metadata[KEY_SOURCE_SHA] = checkpoint.sha256
-    metadata[KEY_HISTORY] = json.dumps(checkpoint.history + [history_entry], sort_keys=True)
+    metadata[KEY_HISTORY] = json.dumps(checkpoint.history + history_entries, sort_keys=True)
     write_safetensors(output, state, metadata, overwrite)
 
 

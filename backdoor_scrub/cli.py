@@ -119,20 +119,49 @@ def cli():
     """
 
 
+def scan_options(command):
+    """Settings of the trigger reconstruction used when the trigger is unknown."""
+    options = [
+        click.option("--threshold", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True,
+                     help="Flag a class whose anomaly index (MAD of mask sizes) exceeds this."),
+        click.option("--scan-steps", type=click.IntRange(1), default=150, show_default=True,
+                     help="Optimisation steps of the trigger reconstruction."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def _scan_settings(params: dict):
+    from backdoor_scrub.scan import ScanSettings
+
+    return ScanSettings(steps=params.pop("scan_steps"), threshold=params.pop("threshold"))
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=MODEL_PATH)
+@click.option("--scan", is_flag=True, help="Look for a backdoor without its trigger (needs --clean-dir).")
+@click.option("--clean-dir", type=click.Path(path_type=Path), help="Clean samples for --scan.")
+@scan_options
+@click.option("--save-triggers", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each class's reconstructed trigger (class_K.png) and contact_sheet.png here.")
+@click.option("--fail-on-detect", is_flag=True, help="Exit 1 when --scan flags a class (a CI gate).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the scan.")
 @model_options
 @run_options
-def inspect(models, as_json, quiet, **params):
+def inspect(models, scan, clean_dir, save_triggers, fail_on_detect, seed, as_json, quiet, **params):
     """Show architecture, metadata, provenance and the hookable layers of MODELS.
 
-    Layers marked * are the ones `scrub edit` changes by default.
+    Layers marked * are the ones `scrub edit` changes by default. With --scan, reconstruct
+    for every class the smallest trigger that flips the clean samples to it (Neural Cleanse)
+    and flag classes whose trigger is anomalously small.
     """
-    from backdoor_scrub.commands.inspect import run_inspect
+    from backdoor_scrub.commands.inspect import ScanRequest, check_scan_options, run_inspect
     from backdoor_scrub.report import emit, inspect_tables
 
+    check_scan_options(scan, clean_dir)
+    settings = _scan_settings(params)
     options = _run_options({**params, "quiet": quiet})
-    outcome = run_inspect(list(models), options)
+    request = ScanRequest(clean_dir, settings, seed, save_triggers, fail_on_detect) if scan else None
+    outcome = run_inspect(list(models), options, request)
     emit("inspect", outcome, inspect_tables(outcome), as_json, quiet)
     return outcome.exit_code
 
@@ -200,25 +229,30 @@ def _destination(params: dict):
               help="closed-form: least-squares edit of the head's linear layers; activation-match: also "
                    "retrain the last stage on cached activations; auto: closed form, escalating when it "
                    "does not fit the samples.")
+@scan_options
 @output_options
 @model_options
 @run_options
 def edit(models, clean_dir, target, layers, method, seed, as_json, quiet, **params):
-    """Unlearn a known trigger from MODELS by editing their later layers.
+    """Unlearn a trigger from MODELS by editing their later layers.
 
     Stamped clean samples are made to produce the activations of their clean versions while
     clean activations are kept. Writes <stem>.scrubbed.safetensors beside each model.
+    Without --trigger, a scan (as `inspect --scan`) reconstructs the trigger of every flagged
+    class and each is unlearned; when nothing is flagged, nothing is written (exit 0).
 
     \b
       scrub edit model.safetensors --clean-dir samples/ --trigger trigger.png
+      scrub edit model.safetensors --clean-dir samples/
     """
-    from backdoor_scrub.commands.edit import run_edit
+    from backdoor_scrub.commands.edit import EditRequest, run_edit
     from backdoor_scrub.report import emit, step_tables
 
-    trigger = _trigger_options(params)
+    request = EditRequest(clean_dir, _trigger_options(params), target, tuple(layers), method, seed,
+                          _scan_settings(params))
     destination = _destination(params)
     options = _run_options({**params, "quiet": quiet})
-    outcome = run_edit(list(models), clean_dir, trigger, target, list(layers), method, destination, seed, options)
+    outcome = run_edit(list(models), request, destination, options)
     emit("edit", outcome, step_tables(outcome), as_json, quiet)
     return outcome.exit_code
 

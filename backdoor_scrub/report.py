@@ -66,8 +66,21 @@ def inspect_tables(outcome: Outcome) -> list[Table]:
             shape = "x".join(map(str, layer["output_shape"])) if layer["output_shape"] else "-"
             name = layer["name"] + (" *" if layer["auto_selected"] else "")
             layers.add_row(name, layer["type"], shape, f"{layer['parameters']:,}", "yes" if layer["editable"] else "")
-        tables += [summary, layers]
+        tables += [summary, layers] + ([scan_table(entry["scan"], entry.get("classes"))] if "scan" in entry else [])
     return tables
+
+
+def scan_table(scan: dict, class_names: list[str] | None) -> Table:
+    """One row per class: size and success of its reconstructed trigger, anomaly index, flag."""
+    flagged = ", ".join(map(str, scan["flagged"])) or "none"
+    table = Table(title=f"trigger reconstruction ({scan['seconds']:.0f} s): flagged {flagged}")
+    for column in ("class", "mask L1", "reconstruction ASR", "anomaly index", "flagged"):
+        table.add_column(column, justify="left" if column in ("class", "flagged") else "right")
+    for row in scan["classes"]:
+        name = f"{row['class']} {class_names[row['class']]}" if class_names else str(row["class"])
+        table.add_row(name, f"{row['mask_l1']:.1f}", percent(row["reconstruction_asr"]),
+                      f"{row['anomaly_index']:.2f}", "FLAGGED" if row["flagged"] else "")
+    return table
 
 
 def evaluate_tables(outcome: Outcome) -> list[Table]:
@@ -108,17 +121,26 @@ def step_tables(outcome: Outcome) -> list[Table]:
         if entry["status"] != "ok":
             tables.append(_error_table(entry))
             continue
-        title = (f"{entry['input']} -> {entry['output']}\n{entry['step']} ({entry['method']}: "
-                 f"{', '.join(entry['layers'])}), target {_target(entry)}, {entry['seconds']:.1f} s")
-        table = Table(title=title)
-        for column in ("on the clean samples", "before", "after", "change"):
-            table.add_column(column, justify="left" if column.startswith("on") else "right")
-        for label, key in METRIC_ROWS:
-            before, after = entry["before"].get(key), entry["after"].get(key)
-            change = "-" if before is None or after is None else f"{100 * (after - before):+.1f} pt"
-            table.add_row(label, percent(before), percent(after), change)
-        tables.append(table)
+        if "scan" in entry:
+            tables.append(scan_table(entry["scan"], None))
+        if entry["output"] is None:
+            tables.append(_message_table(entry["input"], entry["message"]))
+            continue
+        tables += [_before_after(entry, step) for step in entry.get("edits", [entry])]
     return tables
+
+
+def _before_after(entry: dict, step: dict) -> Table:
+    title = (f"{entry['input']} -> {entry['output']}\n{step['step']} ({step['method']}: "
+             f"{', '.join(step['layers'])}), target {_target(step)}, {entry['seconds']:.1f} s")
+    table = Table(title=title)
+    for column in ("on the clean samples", "before", "after", "change"):
+        table.add_column(column, justify="left" if column.startswith("on") else "right")
+    for label, key in METRIC_ROWS:
+        before, after = step["before"].get(key), step["after"].get(key)
+        change = "-" if before is None or after is None else f"{100 * (after - before):+.1f} pt"
+        table.add_row(label, percent(before), percent(after), change)
+    return table
 
 
 def _target(entry: dict) -> str:
@@ -148,8 +170,12 @@ def _history(history: list[dict]) -> str:
 
 
 def _error_table(entry: dict) -> Table:
-    table = Table(title=entry["path"], show_header=False)
-    table.add_row("error", entry["error"])
+    return _message_table(entry["path"], entry["error"], "error")
+
+
+def _message_table(title: str, message: str, label: str = "result") -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_row(label, message)
     return table
 
 

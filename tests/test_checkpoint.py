@@ -125,13 +125,13 @@ def test_serialize_is_deterministic_and_readable():
 def test_save_keeps_metadata_adds_history_and_refuses_to_clobber(tmp_path):
     checkpoint = load_checkpoint(DEMO / "model.safetensors")
     output = tmp_path / "out.safetensors"
-    save_checkpoint(checkpoint, checkpoint.model, output, {"step": "edit", "target": 0}, overwrite=False)
+    save_checkpoint(checkpoint, checkpoint.model, output, [{"step": "edit", "target": 0}], overwrite=False)
     saved = load_checkpoint(output)
     assert saved.metadata["example.attack"] == "badnets"
     assert saved.metadata["scrub.source_sha256"] == checkpoint.sha256
     assert saved.history == [{"step": "edit", "target": 0}]
     before = output.read_bytes()
     with pytest.raises(ScrubError, match="already exists"):
-        save_checkpoint(checkpoint, checkpoint.model, output, {"step": "edit"}, overwrite=False)
+        save_checkpoint(checkpoint, checkpoint.model, output, [{"step": "edit"}], overwrite=False)
     assert output.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]

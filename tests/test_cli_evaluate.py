@@ -116,7 +116,7 @@ def test_recorded_target_is_used(demo, tmp_path):
 
     checkpoint = load_checkpoint(demo / "model.safetensors")
     recorded = tmp_path / "recorded.safetensors"
-    save_checkpoint(checkpoint, checkpoint.model, recorded, {"step": "edit", "target": 4}, overwrite=False)
+    save_checkpoint(checkpoint, checkpoint.model, recorded, [{"step": "edit", "target": 4}], overwrite=False)
     result = run_scrub("evaluate", recorded, "--test-dir", demo / "test", "--trigger", demo / "trigger.png", "--json")
     model = json.loads(result.stdout)["models"][0]
     assert model["target"] == 4 and model["target_source"] == "recorded"

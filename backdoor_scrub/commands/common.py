@@ -99,7 +99,7 @@ def resolve_target(given: int | None, checkpoint: Checkpoint) -> tuple[int | Non
 
 
 def step_entry(step: str, record, before: Metrics, after: Metrics, target_source: str, trigger: Trigger,
-               samples, seed: int) -> dict:
+               samples, seed: int, anomaly_index: float | None = None) -> dict:
     """The provenance entry of one edit or repair: what was done, to what, and the metrics around it.
 
     Nothing in it depends on the clock, so the same inputs and seed give the same output bytes.
@@ -110,7 +110,8 @@ def step_entry(step: str, record, before: Metrics, after: Metrics, target_source
         "layers": record.layers,
         "target": before.target,
         "target_source": target_source,
-        "trigger": {"sha256": trigger.sha256, "png_base64": base64.b64encode(trigger.to_png()).decode()},
+        "trigger": {"sha256": trigger.sha256, "png_base64": base64.b64encode(trigger.to_png()).decode(),
+                    **({"anomaly_index": anomaly_index} if anomaly_index is not None else {})},
         "samples": samples.fingerprint(),
         "seed": seed,
         "before": before.as_dict(),
@@ -119,11 +120,20 @@ def step_entry(step: str, record, before: Metrics, after: Metrics, target_source
     }
 
 
-def step_report(checkpoint: Checkpoint, output: Path, entry: dict, started: float) -> ModelOutcome:
-    """The JSON entry of an edit or repair: the provenance entry without the trigger image, plus timing."""
-    trigger = {key: value for key, value in entry["trigger"].items() if key != "png_base64"}
-    return ModelOutcome({
-        "path": str(checkpoint.path), "input": str(checkpoint.path), "output": str(output),
-        "arch": checkpoint.spec.arch, "status": "ok", **entry, "trigger": trigger,
-        "seconds": round(time.perf_counter() - started, 3),
-    })
+def step_report(
+    checkpoint: Checkpoint, output: Path, entries: list[dict], started: float, scan: dict | None = None
+) -> ModelOutcome:
+    """The JSON entry of an edit or repair: the (last) provenance entry without trigger images, plus timing.
+
+    With several edits (several flagged classes) they are all listed under `edits`; a scan is under `scan`.
+    """
+    shown = [{**entry, "trigger": {k: v for k, v in entry["trigger"].items() if k != "png_base64"}}
+             for entry in entries]
+    report = {"path": str(checkpoint.path), "input": str(checkpoint.path), "output": str(output),
+              "arch": checkpoint.spec.arch, "status": "ok", **shown[-1],
+              "seconds": round(time.perf_counter() - started, 3)}
+    if len(shown) > 1:
+        report["edits"] = shown
+    if scan is not None:
+        report["scan"] = scan
+    return ModelOutcome(report)

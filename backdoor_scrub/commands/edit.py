@@ -1,8 +1,9 @@
-"""`scrub edit`: unlearn a known trigger from a handful of clean samples and write the edited model."""
+"""`scrub edit`: unlearn a trigger (given, or reconstructed by a scan) from a handful of clean samples."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from backdoor_scrub.checkpoint import Checkpoint, Destination, save_checkpoint
@@ -10,43 +11,74 @@ from backdoor_scrub.commands.common import (
     ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, resolve_target, step_entry, step_report,
 )
 from backdoor_scrub.commands.samples import Samples
+from backdoor_scrub.commands.scanning import scan_checkpoint
 from backdoor_scrub.editing import edit_model
-from backdoor_scrub.errors import usage_error
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
+from backdoor_scrub.scan import ScanSettings
+from backdoor_scrub.triggers import Trigger
 
 
-def run_edit(
-    paths: list[Path],
-    clean_dir: Path,
-    trigger_options: TriggerOptions,
-    target: int | None,
-    layers: list[str],
-    method: str,
-    destination: Destination,
-    seed: int,
-    options: RunOptions,
-) -> Outcome:
+@dataclass(frozen=True)
+class EditRequest:
+    """What to remove and how: the trigger (None: scan for it), target, layers, method, seed."""
+
+    clean_dir: Path
+    trigger: TriggerOptions
+    target: int | None = None
+    layers: tuple[str, ...] = ()
+    method: str = "auto"
+    seed: int = 0
+    scan: ScanSettings = ScanSettings()
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """One trigger to unlearn, the class it leads to and where both came from."""
+
+    trigger: Trigger
+    target: int | None
+    source: str
+    anomaly_index: float | None = None
+
+
+def run_edit(paths: list[Path], request: EditRequest, destination: Destination, options: RunOptions) -> Outcome:
     """Edit every model so that stamped samples produce the activations of their clean versions."""
     destination.check(len(paths))
-    if trigger_options.path is None:
-        raise usage_error("--trigger is required")
     device = resolve_device(options.device)
 
     def work(checkpoint: Checkpoint) -> ModelOutcome:
         started = time.perf_counter()
         output = destination.path_for(checkpoint.path, "scrubbed")
-        trigger = trigger_options.load(checkpoint.spec.input_size)
-        samples = Samples.load(clean_dir, checkpoint, device, options, allow_unlabeled=True)
-        chosen, source = resolve_target(target, checkpoint)
-        before = samples.measure(checkpoint.model, trigger, chosen)
-        names = layers or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
-        edited, record = edit_model(
-            checkpoint.model, samples.inputs(), samples.model_trigger(trigger), names, method, seed=seed
-        )
-        after = samples.measure(edited, trigger, before.target)
-        entry = step_entry("edit", record, before, after, source, trigger, samples, seed)
-        save_checkpoint(checkpoint, edited, output, entry, destination.force)
-        return step_report(checkpoint, output, entry, started)
+        samples = Samples.load(request.clean_dir, checkpoint, device, options, allow_unlabeled=True)
+        suspects, scan = _suspects(checkpoint, samples, request, options)
+        if not suspects:
+            return ModelOutcome({"path": str(checkpoint.path), "input": str(checkpoint.path), "output": None,
+                                 "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
+                                 "message": "no backdoor found; nothing edited"})
+        names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
+        model, entries = checkpoint.model, []
+        for suspect in suspects:
+            before = samples.measure(model, suspect.trigger, suspect.target)
+            model, record = edit_model(model, samples.inputs(), samples.model_trigger(suspect.trigger), names,
+                                       request.method, seed=request.seed)
+            after = samples.measure(model, suspect.trigger, before.target)
+            entries.append(step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples,
+                                      request.seed, suspect.anomaly_index))
+        save_checkpoint(checkpoint, model, output, entries, destination.force)
+        return step_report(checkpoint, output, entries, started, scan)
 
     return for_each_model(paths, options, work)
+
+
+def _suspects(
+    checkpoint: Checkpoint, samples: Samples, request: EditRequest, options: RunOptions
+) -> tuple[list[Suspect], dict | None]:
+    """The given trigger, or the reconstructed trigger of every class a scan flags (and the scan)."""
+    trigger = request.trigger.load(checkpoint.spec.input_size)
+    if trigger is not None:
+        target, source = resolve_target(request.target, checkpoint)
+        return [Suspect(trigger, target, source)], None
+    report = scan_checkpoint(checkpoint, samples, request.scan, request.seed, options.quiet)
+    suspects = [Suspect(c.trigger, c.index, "reconstructed", c.anomaly_index) for c in report.flagged]
+    return suspects, report.as_dict(request.scan.threshold)

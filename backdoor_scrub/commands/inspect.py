@@ -1,18 +1,57 @@
-"""`scrub inspect`: what a checkpoint holds and which of its layers can be hooked and edited."""
+"""`scrub inspect`: what a checkpoint holds, its hookable layers and, with a scan, whether it has a backdoor."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backdoor_scrub.checkpoint import Checkpoint
 from backdoor_scrub.commands.common import ModelOutcome, Outcome, RunOptions, for_each_model
+from backdoor_scrub.commands.samples import Samples
+from backdoor_scrub.commands.scanning import save_triggers, scan_checkpoint
+from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.errors import usage_error
+from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import count_parameters, describe_layers
+from backdoor_scrub.scan import ScanSettings
 
 
-def run_inspect(paths: list[Path], options: RunOptions) -> Outcome:
-    """Describe each checkpoint: spec, provenance and a dry-run table of its layers."""
-    return for_each_model(paths, options, describe_checkpoint)
+@dataclass(frozen=True)
+class ScanRequest:
+    """Options of `inspect --scan`."""
+
+    clean_dir: Path
+    settings: ScanSettings = ScanSettings()
+    seed: int = 0
+    save_dir: Path | None = None
+    fail_on_detect: bool = False
+
+
+def run_inspect(paths: list[Path], options: RunOptions, scan: ScanRequest | None = None) -> Outcome:
+    """Describe each checkpoint: spec, provenance, a dry-run table of its layers and an optional scan."""
+    device = resolve_device(options.device) if scan else None
+
+    def work(checkpoint: Checkpoint) -> ModelOutcome:
+        outcome = describe_checkpoint(checkpoint)
+        if scan is None:
+            return outcome
+        samples = Samples.load(scan.clean_dir, checkpoint, device, options, allow_unlabeled=True)
+        report = scan_checkpoint(checkpoint, samples, scan.settings, scan.seed, options.quiet)
+        if scan.save_dir is not None:
+            folder = scan.save_dir if len(paths) == 1 else scan.save_dir / checkpoint.path.name.removesuffix(".safetensors")
+            save_triggers(report, folder, samples, checkpoint.spec.classes)
+        outcome.entry["scan"] = report.as_dict(scan.settings.threshold)
+        if report.flagged and scan.fail_on_detect:
+            outcome.exit_code = ExitCode.GATE_FAILED
+        return outcome
+
+    return for_each_model(paths, options, work)
+
+
+def check_scan_options(scan: bool, clean_dir: Path | None) -> None:
+    """--scan needs --clean-dir (usage error)."""
+    if scan and clean_dir is None:
+        raise usage_error("--scan needs --clean-dir")
 
 
 def describe_checkpoint(checkpoint: Checkpoint) -> ModelOutcome:

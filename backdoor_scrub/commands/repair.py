@@ -47,8 +47,8 @@ def run_repair(
         after = samples.measure(repaired, trigger, chosen)
         source = "given" if target is not None else "recorded"
         entry = step_entry("repair", record, before, after, source, trigger, samples, seed)
-        save_checkpoint(checkpoint, repaired, output, entry, destination.force)
-        return step_report(checkpoint, output, entry, started)
+        save_checkpoint(checkpoint, repaired, output, [entry], destination.force)
+        return step_report(checkpoint, output, [entry], started)
 
     return for_each_model(paths, options, work)
 

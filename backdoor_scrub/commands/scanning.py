@@ -1,0 +1,84 @@
+"""The scan step shared by `inspect --scan` and `edit` without a trigger, and its saved pictures."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from backdoor_scrub.checkpoint import Checkpoint
+from backdoor_scrub.commands.samples import Samples
+from backdoor_scrub.data import to_unit_range, with_normalization
+from backdoor_scrub.inference import progress_bar
+from backdoor_scrub.scan import ClassScan, ScanSettings, scan
+
+SHEET_SCALE = 4
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """Every class's reconstruction and how long the scan took."""
+
+    classes: list[ClassScan]
+    seconds: float
+
+    @property
+    def flagged(self) -> list[ClassScan]:
+        """The classes whose reconstructed trigger is anomalously small."""
+        return [result for result in self.classes if result.flagged]
+
+    def as_dict(self, threshold: float) -> dict:
+        """The `scan` JSON object."""
+        return {"classes": [c.as_dict() for c in self.classes], "flagged": [c.index for c in self.flagged],
+                "threshold": threshold, "seconds": round(self.seconds, 3)}
+
+
+def scan_checkpoint(
+    checkpoint: Checkpoint, samples: Samples, settings: ScanSettings, seed: int, quiet: bool
+) -> ScanReport:
+    """Reconstruct a trigger for every class of the checkpoint from the clean samples."""
+    started = time.perf_counter()
+    classifier = with_normalization(checkpoint.model, checkpoint.spec).to(samples.device)
+    for parameter in classifier.parameters():
+        parameter.requires_grad_(False)
+    images = to_unit_range(samples.images.images.to(samples.device))
+    with progress_bar(quiet) as progress:
+        results = scan(classifier, images, samples.labels.to(samples.device), checkpoint.spec.num_classes,
+                       settings, seed, progress)
+    return ScanReport(results, time.perf_counter() - started)
+
+
+def save_triggers(report: ScanReport, folder: Path, samples: Samples, class_names: tuple[str, ...] | None) -> None:
+    """Write class_<k>.png (usable as --trigger) per class and contact_sheet.png for a person."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for result in report.classes:
+        (folder / f"class_{result.index}.png").write_bytes(result.trigger.to_png())
+    example = to_unit_range(samples.images.images[:1])
+    tiles = [_sheet_column(result, example, class_names) for result in report.classes]
+    sheet = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
+    for index, tile in enumerate(tiles):
+        sheet.paste(tile, (index * tiles[0].width, 0))
+    sheet.save(folder / "contact_sheet.png")
+
+
+def _sheet_column(result: ClassScan, example: torch.Tensor, class_names: tuple[str, ...] | None) -> Image.Image:
+    """Mask, masked pattern and a stamped example, stacked, under a caption."""
+    trigger = result.trigger
+    pictures = [trigger.mask.expand(3, -1, -1), (trigger.pattern * trigger.mask).expand(3, -1, -1),
+                trigger.stamp(example)[0].expand(3, -1, -1)]
+    height, width = trigger.mask.shape[1:]
+    size = (width * SHEET_SCALE, height * SHEET_SCALE)
+    column = Image.new("RGB", (max(size[0], 96) + 8, 3 * (size[1] + 4) + 44), "white")
+    for row, picture in enumerate(pictures):
+        array = picture.permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()
+        column.paste(Image.fromarray(array).resize(size, Image.Resampling.NEAREST), (4, 44 + row * (size[1] + 4)))
+    draw = ImageDraw.Draw(column)
+    name = class_names[result.index] if class_names else str(result.index)
+    colour = "red" if result.flagged else "black"
+    draw.text((4, 2), f"{result.index} {name}"[:16], fill=colour)
+    draw.text((4, 14), f"L1 {result.mask_l1:.1f}", fill=colour)
+    draw.text((4, 26), f"AI {result.anomaly_index:.1f}" + (" FLAG" if result.flagged else ""), fill=colour)
+    return column
