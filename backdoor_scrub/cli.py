@@ -227,8 +227,8 @@ def _destination(params: dict):
 @click.option("--method", type=click.Choice(["auto", "closed-form", "activation-match"]), default="auto",
               show_default=True,
               help="closed-form: least-squares edit of the head's linear layers; activation-match: also "
-                   "retrain the last stage on cached activations; auto: closed form, escalating when it "
-                   "does not fit the samples.")
+                   "retrain the last stage on cached activations (slower); auto: closed form from 2 samples "
+                   "per class on, activation matching below that.")
 @scan_options
 @output_options
 @model_options

@@ -15,7 +15,7 @@ from backdoor_scrub.errors import usage_error
 from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.triggers import Trigger
 
-METHODS = ("auto", "closed-form", "activation-match")
+METHODS = ("closed-form", "activation-match")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,6 @@ class EditSettings:
     preserve: float = 1.0
     batch_size: int = 256
     min_samples: int = 100
-    max_flip_rate: float = 0.10
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def edit_model(
     clean_inputs: torch.Tensor,
     trigger: Trigger,
     layer_names: list[str],
-    method: str = "auto",
+    method: str = "closed-form",
     settings: EditSettings = EditSettings(),
     seed: int = 0,
 ) -> tuple[nn.Module, EditRecord]:
@@ -71,18 +70,22 @@ def edit_model(
     clean = augment(clean_inputs, copies, seed)
     stamped = trigger.stamp(clean)
     edited = copy.deepcopy(model).eval()
-    if method != "auto":
-        if stage:
-            match_stage(edited, stage, clean, stamped, settings, seed)
+    if stage:
+        match_stage(edited, stage, clean, stamped, settings, seed)
+    if chain:
         solve_chain(edited, model, chain, clean, stamped, settings)
-        return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3))
-    solve_chain(edited, model, chain, clean, stamped, settings)
-    if not stage or flip_rate(edited, clean_inputs, trigger, settings.batch_size) <= settings.max_flip_rate:
-        return edited, EditRecord("closed-form", chain, round(time.perf_counter() - start, 3))
-    edited = copy.deepcopy(model).eval()
-    match_stage(edited, stage, clean, stamped, settings, seed)
-    solve_chain(edited, model, chain, clean, stamped, settings)
-    return edited, EditRecord("activation-match+closed-form", stage + chain, round(time.perf_counter() - start, 3))
+    return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3))
+
+
+def resolve_method(method: str, sample_count: int, num_classes: int) -> str:
+    """`auto`: the closed form from 2 samples per class on, activation matching below that.
+
+    With one sample per class the closed form's keys span too few directions to generalise
+    (measured on MobileNetV3: ASR 6.6% against 1.7% with activation matching).
+    """
+    if method != "auto":
+        return method
+    return "closed-form" if sample_count >= 2 * num_classes else "activation-match"
 
 
 def plan_edit(model: nn.Module, layer_names: list[str], method: str) -> tuple[list[str], list[str]]:
@@ -101,20 +104,7 @@ def plan_edit(model: nn.Module, layer_names: list[str], method: str) -> tuple[li
         raise usage_error(f"closed-form edits Linear or 1x1 Conv2d layers; {layer_names[-1]} is neither")
     if method == "closed-form":
         return [], chain
-    if method == "activation-match":
-        return (stage, chain) if stage else ([chain[-1]], chain[:-1])
-    if not chain:
-        raise usage_error(f"auto edits the linear layers of the head; {layer_names[-1]} is not one")
-    return stage, chain
-
-
-@torch.no_grad()
-def flip_rate(model: nn.Module, clean_inputs: torch.Tensor, trigger: Trigger, batch_size: int) -> float:
-    """Fraction of samples whose predicted class changes when the trigger is stamped."""
-    flips = 0
-    for batch in clean_inputs.split(batch_size):
-        flips += (model(batch).argmax(1) != model(trigger.stamp(batch)).argmax(1)).sum().item()
-    return flips / len(clean_inputs)
+    return (stage, chain) if stage else ([chain[-1]], chain[:-1])
 
 
 def match_stage(

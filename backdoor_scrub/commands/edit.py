@@ -12,7 +12,7 @@ from backdoor_scrub.commands.common import (
 )
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import scan_checkpoint
-from backdoor_scrub.editing import edit_model
+from backdoor_scrub.editing import edit_model, resolve_method
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
 from backdoor_scrub.scan import ScanSettings
@@ -57,11 +57,12 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
                                  "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
                                  "message": "no backdoor found; nothing edited"})
         names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
+        method = resolve_method(request.method, len(samples.images), checkpoint.spec.num_classes)
         model, entries = checkpoint.model, []
         for suspect in suspects:
             before = samples.measure(model, suspect.trigger, suspect.target)
             model, record = edit_model(model, samples.inputs(), samples.model_trigger(suspect.trigger), names,
-                                       request.method, seed=request.seed)
+                                       method, seed=request.seed)
             after = samples.measure(model, suspect.trigger, before.target)
             entries.append(step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples,
                                       request.seed, suspect.anomaly_index))
