@@ -74,6 +74,7 @@ def run_options(command):
         click.option("--json", "as_json", is_flag=True, help="stdout holds one JSON document; tables go to stderr."),
         click.option("--quiet", "-q", is_flag=True, help="No tables or progress bars."),
         click.option("--keep-going", is_flag=True, help="With several models, report a bad one and go on."),
+        click.option("--skip-bad-images", is_flag=True, help="Warn about unreadable images and leave them out."),
         click.option("--debug", is_flag=True, help="Show the traceback of an internal error."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
@@ -99,7 +100,7 @@ def _run_options(params: dict):
     overrides = SpecOverrides(*(params.pop(k) for k in ("arch", "num_classes", "input_size", "mean", "std")))
     params.pop("debug")
     return RunOptions(overrides, params.pop("device"), params.pop("batch_size"), params.pop("workers"),
-                      params["quiet"], params.pop("keep_going"))
+                      params["quiet"], params.pop("keep_going"), params.pop("skip_bad_images"))
 
 
 def _trigger_options(params: dict):

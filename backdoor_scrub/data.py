@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from backdoor_scrub.checkpoint import ModelSpec
-from backdoor_scrub.errors import input_error
+from backdoor_scrub.errors import ScrubError, input_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -58,10 +60,17 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-def load_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False, workers: int = 0) -> ImageSet:
+def load_image_folder(
+    root: Path,
+    spec: ModelSpec,
+    allow_unlabeled: bool = False,
+    workers: int = 0,
+    on_bad_image: Callable[[ScrubError], None] | None = None,
+) -> ImageSet:
     """Load an ImageFolder-layout folder (or, if allowed, a flat folder of unlabeled images).
 
-    With `workers` > 0 the images are decoded by that many threads.
+    With `workers` > 0 the images are decoded by that many threads. An unreadable image is an
+    input error, or, when `on_bad_image` is given, reported to it and left out.
     """
     if not root.is_dir():
         raise input_error(f"{root}: not a folder")
@@ -77,14 +86,18 @@ def load_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise input_error(f"{root}: no images found (looked for {suffixes}, in class subfolders)")
     paths = [path for path, _ in files]
+    read = functools.partial(_read_or_report, input_size=spec.input_size, on_bad_image=on_bad_image)
     if workers > 0:
         with ThreadPoolExecutor(workers) as pool:
-            decoded = list(pool.map(read_image, paths, [spec.input_size] * len(paths)))
+            decoded = list(pool.map(read, paths))
     else:
-        decoded = [read_image(path, spec.input_size) for path in paths]
-    images = torch.stack(decoded)
-    labels = None if how == "unlabeled" else torch.tensor([label for _, label in files])
-    return ImageSet(images, labels, paths, how)
+        decoded = [read(path) for path in paths]
+    kept = [index for index, image in enumerate(decoded) if image is not None]
+    if not kept:
+        raise input_error(f"{root}: none of the {len(paths)} images could be read")
+    images = torch.stack([decoded[index] for index in kept])
+    labels = None if how == "unlabeled" else torch.tensor([files[index][1] for index in kept])
+    return ImageSet(images, labels, [paths[index] for index in kept], how)
 
 
 def class_indices(names: list[str], spec: ModelSpec, root: Path) -> tuple[dict[str, int], str]:
@@ -115,6 +128,18 @@ def read_image(path: Path, input_size: tuple[int, int, int]) -> torch.Tensor:
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(height, width, channels).permute(2, 0, 1)
+
+
+def _read_or_report(
+    path: Path, input_size: tuple[int, int, int], on_bad_image: Callable[[ScrubError], None] | None
+) -> torch.Tensor | None:
+    try:
+        return read_image(path, input_size)
+    except ScrubError as error:
+        if on_bad_image is None:
+            raise
+        on_bad_image(error)
+        return None
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -60,7 +60,12 @@ def read_safetensors(path: Path) -> SafetensorsFile:
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool
 ) -> None:
-    """Write tensors and metadata to `path` atomically, byte-identical for equal inputs."""
+    """Write tensors and metadata to `path` atomically, byte-identical for equal inputs.
+
+    The bytes go to a hidden temporary file in the target folder, fsynced, then hard-linked (never
+    clobbers) or renamed to `path`: `path` never holds a partial file. The temporary file is removed
+    on any exception; only a process killed outright can leave a hidden `.NAME.*.tmp` behind.
+    """
     payload = serialize(tensors, metadata)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -118,3 +119,15 @@ def test_internal_error_is_one_line_with_debug_hint_and_traceback_with_debug(tin
     assert result.stderr.count("\n") == 1 and "internal error: TypeError" in result.stderr and "--debug" in result.stderr
     result = subprocess.run(broken + ["--debug"], capture_output=True, text=True)
     assert result.returncode == 4 and "Traceback" in result.stderr
+
+
+def test_skip_bad_images_warns_and_goes_on(demo):
+    broken = demo / "test" / "tshirt" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    stopped = run_scrub("evaluate", demo / "model.safetensors", "--test-dir", demo / "test")
+    assert_one_line_error(stopped, 3, "broken.png: not a readable image")
+    result = run_scrub("evaluate", demo / "model.safetensors", "--test-dir", demo / "test", "--skip-bad-images",
+                       "--json")
+    assert result.exit_code == 0
+    assert "scrub: warning:" in result.stderr and "broken.png" in result.stderr
+    assert json.loads(result.stdout)["models"][0]["clean_accuracy"] > 0.5

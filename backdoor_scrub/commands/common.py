@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import time
+
+import click
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,16 @@ class RunOptions:
     workers: int = 0
     quiet: bool = False
     keep_going: bool = False
+    skip_bad_images: bool = False
+
+    def image_error_handler(self) -> Callable[[ScrubError], None] | None:
+        """With --skip-bad-images: warn on stderr and go on; else None (a bad image stops the run)."""
+        return warn if self.skip_bad_images else None
+
+
+def warn(error: ScrubError) -> None:
+    """One warning line on stderr."""
+    click.echo(f"scrub: warning: {error} (skipped)", err=True)
 
 
 @dataclass(frozen=True)

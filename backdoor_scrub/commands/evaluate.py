@@ -71,7 +71,7 @@ def run_evaluate(
         spec = checkpoint.spec
         key = (spec.input_size, spec.classes, spec.num_classes)
         if key not in cache:
-            cache[key] = load_image_folder(test_dir, spec, workers=options.workers)
+            cache[key] = load_image_folder(test_dir, spec, False, options.workers, options.image_error_handler())
         trigger = trigger_options.load(spec.input_size)
         chosen, source = resolve_target(target, checkpoint)
         with progress_bar(options.quiet) as progress:

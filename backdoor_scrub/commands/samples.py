@@ -34,7 +34,7 @@ class Samples:
     ) -> Samples:
         """Read the folder; unlabeled images are labelled with the checkpoint's predictions."""
         spec = checkpoint.spec
-        images = load_image_folder(folder, spec, allow_unlabeled=allow_unlabeled, workers=options.workers)
+        images = load_image_folder(folder, spec, allow_unlabeled, options.workers, options.image_error_handler())
         if images.labels is not None:
             return cls(images, spec, device, options.batch_size, "folder")
         classifier = with_normalization(checkpoint.model, spec)
