@@ -163,8 +163,7 @@ def inspect(models, scan, clean_dir, save_triggers, fail_on_detect, seed, as_jso
     options = _run_options({**params, "quiet": quiet})
     request = ScanRequest(clean_dir, settings, seed, save_triggers, fail_on_detect) if scan else None
     outcome = run_inspect(list(models), options, request)
-    emit("inspect", outcome, inspect_tables(outcome), as_json, quiet)
-    return outcome.exit_code
+    return emit("inspect", outcome, inspect_tables(outcome), as_json, quiet)
 
 
 @cli.command()
@@ -193,8 +192,7 @@ def evaluate(models, test_dir, target, baseline, max_asr, min_acc, max_acc_drop,
     options = _run_options({**params, "quiet": quiet})
     gates = Gates(max_asr, min_acc, max_acc_drop)
     outcome = run_evaluate(list(models), test_dir, trigger, target, baseline, gates, options)
-    emit("evaluate", outcome, evaluate_tables(outcome), as_json, quiet)
-    return outcome.exit_code
+    return emit("evaluate", outcome, evaluate_tables(outcome), as_json, quiet)
 
 
 def output_options(command):
@@ -254,8 +252,7 @@ def edit(models, clean_dir, target, layers, method, seed, as_json, quiet, **para
     destination = _destination(params)
     options = _run_options({**params, "quiet": quiet})
     outcome = run_edit(list(models), request, destination, options)
-    emit("edit", outcome, step_tables(outcome), as_json, quiet)
-    return outcome.exit_code
+    return emit("edit", outcome, step_tables(outcome), as_json, quiet)
 
 
 @cli.command()
@@ -281,8 +278,7 @@ def repair(models, clean_dir, target, layer, seed, as_json, quiet, **params):
     destination = _destination(params)
     options = _run_options({**params, "quiet": quiet})
     outcome = run_repair(list(models), clean_dir, trigger, target, layer, destination, seed, options)
-    emit("repair", outcome, step_tables(outcome), as_json, quiet)
-    return outcome.exit_code
+    return emit("repair", outcome, step_tables(outcome), as_json, quiet)
 
 
 def main() -> None:

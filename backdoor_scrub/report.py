@@ -20,14 +20,15 @@ METRIC_ROWS = (
 )
 
 
-def emit(command: str, outcome: Outcome, tables: list[Table], as_json: bool, quiet: bool) -> None:
-    """Print tables (stdout, or stderr under --json) and, with --json, the one JSON document."""
+def emit(command: str, outcome: Outcome, tables: list[Table], as_json: bool, quiet: bool) -> int:
+    """Print tables (stdout, or stderr under --json) and, with --json, the JSON document; the exit code."""
     if not quiet:
         console = Console(stderr=as_json, soft_wrap=False)
         for table in tables:
             console.print(table)
     if as_json:
         click.echo(json.dumps(json_document(command, outcome), default=_json_default))
+    return int(outcome.exit_code)
 
 
 def json_document(command: str, outcome: Outcome) -> dict:
@@ -43,31 +44,28 @@ def percent(value: float | None) -> str:
 
 
 def inspect_tables(outcome: Outcome) -> list[Table]:
-    """A summary and a layer table per inspected model."""
-    tables = []
-    for model in outcome.models:
-        entry = model.entry
-        if entry["status"] != "ok":
-            tables.append(_error_table(entry))
-            continue
-        summary = Table(title=entry["path"], show_header=False)
-        for label, value in (
-            ("arch", entry["arch"]), ("classes", _classes(entry)),
-            ("input size", "x".join(map(str, entry["input_size"]))),
-            ("mean / std", f"{entry['mean']} / {entry['std']}"),
-            ("parameters", f"{entry['parameters']:,}"), ("sha256", entry["sha256"][:16] + "…"),
-            ("history", _history(entry["history"])), ("auto-selected", ", ".join(entry["auto_selected"]) or "-"),
-        ):
-            summary.add_row(label, value)
-        layers = Table(title="hookable layers (* = edited by default)")
-        for column in ("name", "type", "output shape", "parameters", "editable"):
-            layers.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
-        for layer in entry["layers"]:
-            shape = "x".join(map(str, layer["output_shape"])) if layer["output_shape"] else "-"
-            name = layer["name"] + (" *" if layer["auto_selected"] else "")
-            layers.add_row(name, layer["type"], shape, f"{layer['parameters']:,}", "yes" if layer["editable"] else "")
-        tables += [summary, layers] + ([scan_table(entry["scan"], entry.get("classes"))] if "scan" in entry else [])
-    return tables
+    """A summary and a layer table per inspected model, and the scan when there was one."""
+    return _per_model(outcome, _inspect_tables)
+
+
+def _inspect_tables(entry: dict) -> list[Table]:
+    summary = Table(title=entry["path"], show_header=False)
+    for label, value in (
+        ("arch", entry["arch"]), ("classes", _classes(entry)),
+        ("input size", "x".join(map(str, entry["input_size"]))),
+        ("mean / std", f"{entry['mean']} / {entry['std']}"),
+        ("parameters", f"{entry['parameters']:,}"), ("sha256", entry["sha256"][:16] + "…"),
+        ("history", _history(entry["history"])), ("auto-selected", ", ".join(entry["auto_selected"]) or "-"),
+    ):
+        summary.add_row(label, value)
+    layers = Table(title="hookable layers (* = edited by default)")
+    for column in ("name", "type", "output shape", "parameters", "editable"):
+        layers.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
+    for layer in entry["layers"]:
+        shape = "x".join(map(str, layer["output_shape"])) if layer["output_shape"] else "-"
+        name = layer["name"] + (" *" if layer["auto_selected"] else "")
+        layers.add_row(name, layer["type"], shape, f"{layer['parameters']:,}", "yes" if layer["editable"] else "")
+    return [summary, layers] + ([scan_table(entry["scan"], entry.get("classes"))] if "scan" in entry else [])
 
 
 def scan_table(scan: dict, class_names: list[str] | None) -> Table:
@@ -114,20 +112,21 @@ def _short_names(paths: list[str]) -> list[str]:
 
 
 def step_tables(outcome: Outcome) -> list[Table]:
-    """A before/after table on the clean samples for each edited or repaired model."""
-    tables = []
-    for model in outcome.models:
-        entry = model.entry
-        if entry["status"] != "ok":
-            tables.append(_error_table(entry))
-            continue
-        if "scan" in entry:
-            tables.append(scan_table(entry["scan"], None))
-        if entry["output"] is None:
-            tables.append(_message_table(entry["input"], entry["message"]))
-            continue
-        tables += [_before_after(entry, step) for step in entry.get("edits", [entry])]
-    return tables
+    """A before/after table on the clean samples for each edited or repaired model (and its scan)."""
+    return _per_model(outcome, _step_tables)
+
+
+def _step_tables(entry: dict) -> list[Table]:
+    tables = [scan_table(entry["scan"], None)] if "scan" in entry else []
+    if entry["output"] is None:
+        return tables + [_message_table(entry["input"], entry["message"])]
+    return tables + [_before_after(entry, step) for step in entry.get("edits", [entry])]
+
+
+def _per_model(outcome: Outcome, render) -> list[Table]:
+    """The tables `render` makes for each model that was processed, an error table for the others."""
+    return [table for model in outcome.models
+            for table in (render(model.entry) if model.entry["status"] == "ok" else [_error_table(model.entry)])]
 
 
 def _before_after(entry: dict, step: dict) -> Table:
