@@ -56,7 +56,7 @@ def scan(
     progress: Progress | None = None,
 ) -> list[ClassScan]:
     """Reconstruct a trigger for every class at once on images in [0,1]; flag the anomalously small ones."""
-    masks, patterns = reconstruct(classifier, images, labels, num_classes, settings, seed, progress)
+    masks, patterns = reconstruct(classifier, images, labels, list(range(num_classes)), settings, seed, progress)
     norms = masks.flatten(1).sum(1)
     anomaly = anomaly_indices(norms)
     results = []
@@ -80,21 +80,22 @@ def reconstruct(
     classifier: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    num_classes: int,
+    classes: list[int],
     settings: ScanSettings,
     seed: int,
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masks [K,1,H,W], patterns [K,C,H,W]): for each class, a small mask that flips images to it."""
+    """(masks [K,1,H,W], patterns [K,C,H,W]): for each of the K classes, a small mask that flips images to it."""
     generator = torch.Generator().manual_seed(seed)
     device = images.device
     channels, height, width = images.shape[1:]
+    num_classes = len(classes)
     mask_logits = torch.full((num_classes, 1, height, width), -2.0, device=device, requires_grad=True)
     pattern_logits = (torch.randn(num_classes, channels, height, width, generator=generator) * 0.1).to(device)
     pattern_logits.requires_grad_(True)
     optimizer = torch.optim.Adam([mask_logits, pattern_logits], lr=settings.lr, betas=(0.5, 0.9))
     cost = torch.zeros(num_classes, device=device)
-    targets = torch.arange(num_classes, device=device)
+    targets = torch.tensor(classes, device=device)
     task = progress.add_task("reconstructing triggers", total=settings.steps) if progress else None
     classifier.eval()
     for step in range(settings.steps):
