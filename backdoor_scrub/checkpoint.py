@@ -15,7 +15,14 @@ from torch import nn
 
 from backdoor_scrub import __version__
 from backdoor_scrub.contract import (
-    KEY_ARCH, KEY_CLASSES, KEY_HISTORY, KEY_INPUT_SIZE, KEY_MEAN, KEY_NUM_CLASSES, KEY_SOURCE_SHA, KEY_STD,
+    KEY_ARCH,
+    KEY_CLASSES,
+    KEY_HISTORY,
+    KEY_INPUT_SIZE,
+    KEY_MEAN,
+    KEY_NUM_CLASSES,
+    KEY_SOURCE_SHA,
+    KEY_STD,
     KEY_VERSION,
 )
 from backdoor_scrub.errors import input_error, usage_error

@@ -10,16 +10,27 @@ import torch
 from torch import nn
 
 from backdoor_scrub.editing import (
-    EditRecord, as_columns, as_keys, augment, capture, closed_form_linear_edit, is_linear_map, linear_weight,
+    EditRecord,
+    as_columns,
+    as_keys,
+    augment,
+    capture,
+    closed_form_linear_edit,
+    linear_weight,
     set_linear_weight,
 )
 from backdoor_scrub.errors import usage_error
+from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.triggers import Trigger
 
 
 @dataclass(frozen=True)
 class RepairSettings:
-    """Margin quantile of correctly classified samples to restore, weight pull, augmentation size."""
+    """Margin quantile of correctly classified samples to restore, weight pull, augmentation size.
+
+    The pull grows as min_samples / (real samples) below min_samples: augmented copies are not
+    independent evidence, so with 1 sample per class the repair trusts the current weights more.
+    """
 
     margin_quantile: float = 0.25
     mu: float = 10.0
@@ -62,7 +73,8 @@ def repair_model(
     weight = linear_weight(layer)
     key_energy = keys.double().pow(2).sum(0).mean().item()
     empty = keys[:, :0]
-    new_weight = closed_form_linear_edit(weight, keys, as_columns(values), empty, 0.0, settings.mu * key_energy)
+    pull = settings.mu * max(1.0, settings.min_samples / len(inputs)) * key_energy
+    new_weight = closed_form_linear_edit(weight, keys, as_columns(values), empty, 0.0, pull)
     set_linear_weight(layer, new_weight)
     return repaired, EditRecord("margin-restoring closed form", [head], round(time.perf_counter() - started, 3))
 

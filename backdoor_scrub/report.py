@@ -12,6 +12,7 @@ from rich.table import Table
 
 from backdoor_scrub.commands.common import Outcome
 from backdoor_scrub.contract import SCHEMA_VERSION
+
 METRIC_ROWS = (
     ("clean accuracy", "clean_accuracy"),
     ("attack success rate", "attack_success_rate"),

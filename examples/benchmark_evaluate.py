@@ -88,7 +88,7 @@ def main() -> None:
         bare_runs.append(time_bare_loop(model, images, image_set.labels, trigger, result["target"], args.batch_size))
     process = time_scrub_subprocess(args)
     scrub, bare = statistics.median(scrub_runs), statistics.median(bare_runs)
-    print(f"| model | images | bare torch loop | scrub evaluate | ratio | scrub as a new process |")
+    print("| model | images | bare torch loop | scrub evaluate | ratio | scrub as a new process |")
     print("|---|---|---|---|---|---|")
     print(f"| {spec.arch} | {len(image_set)} | {bare:.2f} s | {scrub:.2f} s | {scrub / bare:.2f} | {process:.2f} s |")
     print(f"CA {result['clean_accuracy']:.4f}  ASR {result['attack_success_rate']:.4f}  threads {torch.get_num_threads()}")

@@ -131,3 +131,10 @@ def test_skip_bad_images_warns_and_goes_on(demo):
     assert result.exit_code == 0
     assert "scrub: warning:" in result.stderr and "broken.png" in result.stderr
     assert json.loads(result.stdout)["models"][0]["clean_accuracy"] > 0.5
+
+
+def test_decompression_bomb_is_an_input_error_naming_the_file(demo, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # a 32x32 image now counts as a bomb
+    result = run_scrub("evaluate", demo / "model.safetensors", "--test-dir", demo / "test")
+    assert_one_line_error(result, 3, "not a readable image", ".png")
+    assert "decompression bomb" in result.stderr.lower()

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from backdoor_scrub.checkpoint import ModelSpec
-from backdoor_scrub.data import class_indices, load_image_folder, read_image
 from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.data import class_indices, load_image_folder, read_image
 from backdoor_scrub.errors import ScrubError
 from backdoor_scrub.triggers import load_trigger
 from tests.conftest import write_images

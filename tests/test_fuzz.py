@@ -20,7 +20,7 @@ def mutations(original: bytes, seed: int = 0) -> list[tuple[str, bytes]]:
     header = json.loads(original[8:header_end])
     cases = [("empty", b""), ("pickle", pickle.dumps({"w": [1.0]})), ("zip", b"PK\x03\x04" + bytes(64))]
     cases += [(f"truncate {n}", original[:n]) for n in rng.sample(range(len(original)), 60)]
-    for index in range(80):
+    for _ in range(80):
         data = bytearray(original)
         position = rng.randrange(header_end)
         data[position] ^= 1 << rng.randrange(8)

@@ -54,3 +54,18 @@ def test_ctrl_c_exits_130_with_one_line_and_no_output(demo, tmp_path):
     assert stderr.strip().splitlines()[-1] == "scrub: error: interrupted"
     assert "Traceback" not in stderr
     assert list(output.parent.iterdir()) == []
+
+
+def test_two_processes_writing_the_same_output_leave_one_complete_file(demo, tmp_path):
+    reference = tmp_path / "reference.safetensors"
+    assert run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean",
+                     "--trigger", demo / "trigger.png", "-o", reference, "-q").exit_code == 0
+    output = tmp_path / "out" / "model.scrubbed.safetensors"
+    output.parent.mkdir()
+    for extra in ([], ["--force"]):
+        processes = [subprocess.Popen(edit_command(demo, output) + extra, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        codes = sorted(process.wait(timeout=300) for process in processes)
+        assert codes == ([0, 0] if extra else [0, 3]), codes
+        assert output.read_bytes() == reference.read_bytes()
+        assert [p.name for p in output.parent.iterdir()] == [output.name]

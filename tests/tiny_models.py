@@ -19,12 +19,12 @@ class TinyBlock(nn.Module):
 class TinyCNN(nn.Module):
     """conv stem -> two residual blocks -> pool -> linear head."""
 
-    def __init__(self, num_classes: int = 10, channels: int = 3):
+    def __init__(self, num_classes: int = 10, channels: int = 3, width: int = 8):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.ReLU())
-        self.stage = nn.Sequential(TinyBlock(8), TinyBlock(8))
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU())
+        self.stage = nn.Sequential(TinyBlock(width), TinyBlock(width))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
+        self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
         return self.fc(self.pool(self.stage(self.stem(x))).flatten(1))
@@ -33,3 +33,8 @@ class TinyCNN(nn.Module):
 def tiny_cnn(num_classes: int = 10) -> nn.Module:
     """Factory for --arch tests.tiny_models:tiny_cnn."""
     return TinyCNN(num_classes)
+
+
+def wide_cnn(num_classes: int = 10) -> nn.Module:
+    """Factory for --arch tests.tiny_models:wide_cnn (16 channels: enough to learn Fashion-MNIST cleanly)."""
+    return TinyCNN(num_classes, width=16)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import time
-
-import click
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import click
 
 from backdoor_scrub import __version__
 from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint

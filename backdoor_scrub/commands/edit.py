@@ -8,7 +8,14 @@ from pathlib import Path
 
 from backdoor_scrub.checkpoint import Checkpoint, Destination, save_checkpoint
 from backdoor_scrub.commands.common import (
-    ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, resolve_target, step_entry, step_report,
+    ModelOutcome,
+    Outcome,
+    RunOptions,
+    TriggerOptions,
+    for_each_model,
+    resolve_target,
+    step_entry,
+    step_report,
 )
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import scan_checkpoint

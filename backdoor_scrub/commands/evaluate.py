@@ -7,10 +7,15 @@ from pathlib import Path
 
 from backdoor_scrub.checkpoint import Checkpoint, load_checkpoint
 from backdoor_scrub.commands.common import (
-    ModelOutcome, Outcome, RunOptions, TriggerOptions, for_each_model, resolve_target,
+    ModelOutcome,
+    Outcome,
+    RunOptions,
+    TriggerOptions,
+    for_each_model,
+    resolve_target,
 )
-from backdoor_scrub.data import ImageSet, load_image_folder, with_normalization
 from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.data import ImageSet, load_image_folder, with_normalization
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.inference import progress_bar, resolve_device
