@@ -79,3 +79,15 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     evaluation = run_scrub("evaluate", demo / "model.scrubbed.safetensors", "--test-dir", demo / "test",
                            "--trigger", demo / "trigger.png", "--target", "0", "--json")
     assert json.loads(evaluation.stdout)["models"][0]["attack_success_rate"] < 0.1
+
+
+def test_dilated_grows_the_mask_by_one_pixel_and_keeps_the_pattern():
+    from backdoor_scrub.scan import dilated
+    from backdoor_scrub.triggers import Trigger
+
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 3, 4] = 0.5
+    pattern = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    grown = dilated(Trigger(pattern, mask, ""))
+    assert grown.mask[0, 2:5, 3:6].eq(0.5).all() and grown.mask.sum().item() == 9 * 0.5
+    assert torch.equal(grown.pattern, pattern) and len(grown.sha256) == 64

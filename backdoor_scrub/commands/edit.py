@@ -22,7 +22,7 @@ from backdoor_scrub.commands.scanning import scan_checkpoint
 from backdoor_scrub.editing import edit_model, resolve_method
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
-from backdoor_scrub.scan import ScanSettings
+from backdoor_scrub.scan import ScanSettings, dilated
 from backdoor_scrub.triggers import Trigger
 
 
@@ -88,5 +88,5 @@ def _suspects(
         target, source = resolve_target(request.target, checkpoint)
         return [Suspect(trigger, target, source)], None
     report = scan_checkpoint(checkpoint, samples, request.scan, request.seed, options.quiet)
-    suspects = [Suspect(c.trigger, c.index, "reconstructed", c.anomaly_index) for c in report.flagged]
+    suspects = [Suspect(dilated(c.trigger), c.index, "reconstructed", c.anomaly_index) for c in report.flagged]
     return suspects, report.as_dict(request.scan.threshold)
