@@ -31,12 +31,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, mask: torch.Tensor) -> ImageSet:
-        """The images where `mask` is true."""
-        keep = mask.nonzero().flatten().tolist()
-        labels = None if self.labels is None else self.labels[mask]
-        return ImageSet(self.images[mask], labels, [self.paths[i] for i in keep], self.class_mapping)
-
 
 class Normalize(nn.Module):
     """Maps images in [0,1] to the model's normalized input: (x - mean) / std."""

@@ -66,8 +66,7 @@ def edit_model(
     """
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
-    copies = max(1, math.ceil(settings.min_samples / len(clean_inputs)))
-    clean = augment(clean_inputs, copies, seed)
+    clean = augment(clean_inputs, copies_for(len(clean_inputs), settings.min_samples), seed)
     stamped = trigger.stamp(clean)
     edited = copy.deepcopy(model).eval()
     if stage:
@@ -143,6 +142,11 @@ def solve_chain(
         lam, mu = scaled_weights(keys_t, keys_c, settings.lam, settings.mu)
         values = as_columns(targets[name].outputs)
         set_linear_weight(layer, closed_form_linear_edit(linear_weight(layer), keys_t, values, keys_c, lam, mu, values))
+
+
+def copies_for(count: int, min_samples: int) -> int:
+    """How many copies of `count` samples (the originals included) reach at least `min_samples`."""
+    return max(1, math.ceil(min_samples / count))
 
 
 def augment(images: torch.Tensor, copies: int, seed: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from backdoor_scrub.editing import (
     augment,
     capture,
     closed_form_linear_edit,
+    copies_for,
     linear_weight,
     set_linear_weight,
 )
@@ -54,20 +55,17 @@ def repair_model(
     update of the head with a pull towards its current weights then changes as little as it can.
     """
     started = time.perf_counter()
-    layer = model.get_submodule(head)
-    if not is_linear_map(layer):
+    if not is_linear_map(model.get_submodule(head)):
         raise usage_error(f"repair edits a Linear or 1x1 Conv2d head; {head} is neither")
     repaired = copy.deepcopy(model).eval()
-    copies = max(1, -(-settings.min_samples // len(inputs)))
+    copies = copies_for(len(inputs), settings.min_samples)
     clean = augment(inputs, copies, seed)
-    clean_labels = labels.repeat(copies)
     stamped = trigger.stamp(clean)
-    stamped_labels = clean_labels
     keys, logits = _head_keys_and_logits(repaired, head, torch.cat([clean, stamped]), settings.batch_size)
-    all_labels = torch.cat([clean_labels, stamped_labels]).to(logits.device)
+    clean_labels = labels.repeat(copies).to(logits.device)
     pooled = logits.flatten(2).mean(2) if logits.dim() == 4 else logits
-    margin = _margin_to_restore(pooled[: len(clean)], clean_labels.to(logits.device), settings.margin_quantile)
-    shift = restore_margins(pooled, all_labels, margin) - pooled
+    margin = _margin_to_restore(pooled[: len(clean)], clean_labels, settings.margin_quantile)
+    shift = restore_margins(pooled, clean_labels.repeat(2), margin) - pooled  # stamped samples keep their class
     values = logits + (shift[:, :, None, None] if logits.dim() == 4 else shift)
     layer = repaired.get_submodule(head)
     weight = linear_weight(layer)
@@ -82,10 +80,8 @@ def repair_model(
 def restore_margins(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """Logits where each sample's class beats its strongest rival by at least `margin`."""
     rows = torch.arange(len(labels), device=logits.device)
-    rivals = logits.clone()
-    rivals[rows, labels] = float("-inf")
-    rival = rivals.argmax(1)
-    shortfall = (margin - (logits[rows, labels] - logits[rows, rival])).clamp_min(0)
+    margins, rival = _margins_and_rivals(logits, labels)
+    shortfall = (margin - margins).clamp_min(0)
     values = logits.clone()
     values[rows, labels] += shortfall / 2
     values[rows, rival] -= shortfall / 2
@@ -94,13 +90,18 @@ def restore_margins(logits: torch.Tensor, labels: torch.Tensor, margin: float) -
 
 def _margin_to_restore(logits: torch.Tensor, labels: torch.Tensor, quantile: float) -> float:
     """A data-derived margin: the given quantile of the margins of correctly classified samples."""
-    rows = torch.arange(len(labels), device=logits.device)
-    own = logits[rows, labels]
-    others = logits.clone()
-    others[rows, labels] = float("-inf")
-    margins = own - others.max(1).values
+    margins, _ = _margins_and_rivals(logits, labels)
     correct = margins[margins > 0]
     return torch.quantile(correct, quantile).item() if len(correct) else 0.0
+
+
+def _margins_and_rivals(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: its class's logit minus the strongest other class's, and that rival class."""
+    rows = torch.arange(len(labels), device=logits.device)
+    others = logits.clone()
+    others[rows, labels] = float("-inf")
+    rival_logits, rivals = others.max(1)
+    return logits[rows, labels] - rival_logits, rivals
 
 
 def _head_keys_and_logits(model: nn.Module, head: str, inputs: torch.Tensor, batch_size: int):
