@@ -2,7 +2,7 @@
 
 from enum import IntEnum
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 KEY_ARCH, KEY_NUM_CLASSES, KEY_INPUT_SIZE = "arch", "num_classes", "input_size"
 KEY_MEAN, KEY_STD, KEY_CLASSES = "mean", "std", "classes"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, strength_grid
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.triggers import Trigger
@@ -20,10 +21,16 @@ METHODS = ("closed-form", "activation-match")
 
 @dataclass(frozen=True)
 class EditSettings:
-    """Constants of the edit. lam, mu and preserve are relative weights, independent of sample count."""
+    """Constants of the edit. The closed form's strength (lam, mu) is chosen per model from `lams` x `mus`
+    on held-out folds of the samples; with `calibrate` off (or a single sample) `lam` and `mu` are used.
+    """
 
     lam: float = 3.0
     mu: float = 1e-5
+    calibrate: bool = True
+    lams: tuple[float, ...] = (1.0, 10.0)
+    mus: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+    folds: int = 5
     steps: int = 50
     lr: float = 3e-3
     preserve: float = 1.0
@@ -33,11 +40,12 @@ class EditSettings:
 
 @dataclass(frozen=True)
 class EditRecord:
-    """What an edit did: its method, the layers it changed and how long it took."""
+    """What an edit did: its method, the layers it changed, how it chose its strength and how long it took."""
 
     method: str
     layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    calibration: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -56,13 +64,16 @@ def edit_model(
     method: str = "closed-form",
     settings: EditSettings = EditSettings(),
     seed: int = 0,
+    labels: torch.Tensor | None = None,
+    target: int | None = None,
 ) -> tuple[nn.Module, EditRecord]:
     """An edited copy of `model` and its record; `model` itself is not changed.
 
     `clean_inputs` are what the model takes and `trigger` stamps in that same space (see
     Trigger.normalized). `layer_names` are a stage (one module, or consecutive children of one
     Sequential) followed by the linear layers of the head, as layers.auto_select_layers gives them.
-    Few samples are augmented up to settings.min_samples, which keeps 1 sample per class from overfitting.
+    Few samples are augmented up to settings.min_samples. `labels` (class per sample, for stratified
+    folds) and `target` (else the class the model gives most stamped samples) serve the calibration.
     """
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
@@ -71,20 +82,24 @@ def edit_model(
     edited = copy.deepcopy(model).eval()
     if stage:
         match_stage(edited, stage, clean, stamped, settings, seed)
+    calibration = None
     if chain:
-        solve_chain(edited, model, chain, clean, stamped, settings)
-    return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3))
+        reference = model if stage else edited
+        problem, before = chain_problem(reference, edited, chain, clean, stamped, len(clean_inputs), settings.batch_size)
+        strength = Strength(settings.lam, settings.mu)
+        if settings.calibrate and len(clean_inputs) >= 2:
+            labels = before[0].argmax(1) if labels is None else labels.to(before[0].device)
+            target = int(before[1].argmax(1).mode().values) if target is None else target
+            grid = strength_grid(settings.lams, settings.mus)
+            strength, calibration = calibrate(problem, before, labels, target, grid, settings.folds)
+        problem.fit(torch.arange(len(clean)), strength)
+        problem.commit()
+    return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3), calibration)
 
 
-def resolve_method(method: str, sample_count: int, num_classes: int) -> str:
-    """`auto`: the closed form from 2 samples per class on, activation matching below that.
-
-    With one sample per class the closed form's keys span too few directions to generalise
-    (measured on MobileNetV3: ASR 6.6% against 1.7% with activation matching).
-    """
-    if method != "auto":
-        return method
-    return "closed-form" if sample_count >= 2 * num_classes else "activation-match"
+def resolve_method(method: str) -> str:
+    """`auto` is the calibrated closed form at every sample count (activation matching only on request)."""
+    return "closed-form" if method == "auto" else method
 
 
 def plan_edit(model: nn.Module, layer_names: list[str], method: str) -> tuple[list[str], list[str]]:
@@ -121,27 +136,6 @@ def match_stage(
     activation_match(
         unit_of(edited, stage), clean[first].inputs, stamped[first].inputs, clean[last].outputs, settings, seed
     )
-
-
-def solve_chain(
-    edited: nn.Module,
-    original: nn.Module,
-    chain: list[str],
-    clean_inputs: torch.Tensor,
-    stamped_inputs: torch.Tensor,
-    settings: EditSettings,
-) -> None:
-    """Closed-form edit of each linear layer in turn: stamped keys -> the original's clean outputs."""
-    targets = capture(original, chain, clean_inputs, settings.batch_size)
-    for name in chain:
-        stamped = capture(edited, [name], stamped_inputs, settings.batch_size)[name]
-        clean = capture(edited, [name], clean_inputs, settings.batch_size)[name]
-        layer = edited.get_submodule(name)
-        with_bias = layer.bias is not None
-        keys_t, keys_c = as_keys(stamped.inputs, with_bias), as_keys(clean.inputs, with_bias)
-        lam, mu = scaled_weights(keys_t, keys_c, settings.lam, settings.mu)
-        values = as_columns(targets[name].outputs)
-        set_linear_weight(layer, closed_form_linear_edit(linear_weight(layer), keys_t, values, keys_c, lam, mu, values))
 
 
 def copies_for(count: int, min_samples: int) -> int:
@@ -228,63 +222,6 @@ def activation_match(
             optimizer.step()
     for p in parameters:
         p.grad = None
-
-
-def closed_form_linear_edit(
-    weight: torch.Tensor,
-    keys_triggered: torch.Tensor,
-    values: torch.Tensor,
-    keys_clean: torch.Tensor,
-    lam: float,
-    mu: float,
-    values_clean: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """argmin_W' |W'Kt - V|^2 + lam |W'Kc - Vc|^2 + mu |W' - W|^2 (Vc = W Kc unless given); keys are columns."""
-    # Shapes: weight [out, in]; keys [in, n], one column per sample or position; values [out, n].
-    # W'^T = A^-1 B^T with the symmetric A = Kt Kt^T + lam Kc Kc^T + mu I, solved in float64.
-    w, kt, v, kc = (t.detach().double() for t in (weight, keys_triggered, values, keys_clean))
-    vc = w @ kc if values_clean is None else values_clean.detach().double()
-    system = kt @ kt.T + lam * (kc @ kc.T) + mu * torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
-    right = v @ kt.T + lam * (vc @ kc.T) + mu * w
-    return torch.linalg.solve(system, right.T).T.to(weight.dtype)
-
-
-def scaled_weights(
-    keys_triggered: torch.Tensor, keys_clean: torch.Tensor, lam: float, mu: float
-) -> tuple[float, float]:
-    """Raw lam, mu for |W'Kt-V|^2/nt + lam |W'Kc-Vc|^2/nc + mu s |W'-W|^2, s the mean |clean key|^2."""
-    # Means over columns make lam and mu mean the same for 10 or 1000 samples; s makes mu scale-free.
-    n_t, n_c = keys_triggered.shape[1], keys_clean.shape[1]
-    key_energy = keys_clean.double().pow(2).sum(0).mean().item()
-    return lam * n_t / n_c, mu * n_t * key_energy
-
-
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """[W b] of a Linear or 1x1 Conv2d as one [out, in(+1)] matrix."""
-    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-    return weight if layer.bias is None else torch.cat([weight, layer.bias.detach()[:, None]], 1)
-
-
-@torch.no_grad()
-def set_linear_weight(layer: nn.Module, matrix: torch.Tensor) -> None:
-    """Write an [out, in(+1)] matrix back into the layer's weight (and bias)."""
-    columns = layer.weight[0].numel()
-    layer.weight.copy_(matrix[:, :columns].reshape(layer.weight.shape))
-    if layer.bias is not None:
-        layer.bias.copy_(matrix[:, columns])
-
-
-def as_columns(activations: torch.Tensor) -> torch.Tensor:
-    """[N, F] or [N, C, H, W] activations -> [F or C, columns]: one column per sample (and position)."""
-    if activations.dim() == 2:
-        return activations.T
-    return activations.transpose(0, 1).reshape(activations.shape[1], -1)
-
-
-def as_keys(activations: torch.Tensor, with_bias: bool) -> torch.Tensor:
-    """Key columns of a layer's inputs, with a constant 1 appended when the layer has a bias."""
-    keys = as_columns(activations)
-    return torch.cat([keys, keys.new_ones(1, keys.shape[1])]) if with_bias else keys
 
 
 def _batch_indices(count: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

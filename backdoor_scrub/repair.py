@@ -9,34 +9,61 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backdoor_scrub.editing import (
-    EditRecord,
-    as_columns,
-    as_keys,
-    augment,
-    capture,
-    closed_form_linear_edit,
-    copies_for,
-    linear_weight,
-    set_linear_weight,
-)
+from backdoor_scrub.calibration import HeldOut, choose_repair, fold_ids, score_held_out
+from backdoor_scrub.chain_edit import layer_activations
+from backdoor_scrub.editing import EditRecord, augment, copies_for
 from backdoor_scrub.errors import usage_error
+from backdoor_scrub.head import find_head
 from backdoor_scrub.layers import is_linear_map
+from backdoor_scrub.linear_edit import as_columns, as_keys, closed_form_linear_edit, linear_weight, set_linear_weight
 from backdoor_scrub.triggers import Trigger
+
+METHOD = "margin-restoring closed form"
+NO_TARGET_SAMPLE = "none (no sample of the target class: the weights are left as the edit wrote them)"
 
 
 @dataclass(frozen=True)
 class RepairSettings:
-    """Margin quantile of correctly classified samples to restore, weight pull, augmentation size.
+    """Margin quantile to restore, the pull towards the current weights and augmentation size.
 
-    The pull grows as min_samples / (real samples) below min_samples: augmented copies are not
-    independent evidence, so with 1 sample per class the repair trusts the current weights more.
+    The pull is chosen per model from `pulls` on held-out folds (no repair at all is always a
+    candidate); with `calibrate` off, `mu` grows as min_samples / (real samples) below min_samples.
     """
 
     margin_quantile: float = 0.25
     mu: float = 10.0
+    calibrate: bool = True
+    pulls: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+    folds: int = 5
     min_samples: int = 100
     batch_size: int = 256
+
+
+@dataclass
+class _HeadProblem:
+    """The head layer's keys and outputs on augmented clean then stamped samples, cached once."""
+
+    layer: nn.Module
+    weight: torch.Tensor
+    keys: torch.Tensor  # [in(+1), 2N] columns, clean rows first
+    outputs: torch.Tensor  # [2N, classes(, H, W)]
+    labels: torch.Tensor  # [N] labels of the augmented clean rows
+    key_energy: float
+    quantile: float
+
+    def fit(self, rows: torch.Tensor, pull: float) -> None:
+        """Restore short margins of the given clean rows (and their stamped twins) with a pulled solve."""
+        both = torch.cat([rows, rows + len(self.labels)])
+        logits = self.outputs[both]
+        pooled = logits.flatten(2).mean(2) if logits.dim() == 4 else logits
+        labels = self.labels[rows].repeat(2)
+        margin = _margin_to_restore(pooled[: len(rows)], labels[: len(rows)], self.quantile)
+        shift = restore_margins(pooled, labels, margin) - pooled  # stamped samples keep their true class
+        values = logits + (shift[:, :, None, None] if logits.dim() == 4 else shift)
+        keys = self.keys.view(self.keys.shape[0], len(self.outputs), -1)[:, both].flatten(1)
+        new_weight = closed_form_linear_edit(self.weight, keys, as_columns(values), keys[:, :0], 0.0,
+                                             pull * self.key_energy)
+        set_linear_weight(self.layer, new_weight)
 
 
 def repair_model(
@@ -47,34 +74,63 @@ def repair_model(
     head: str,
     settings: RepairSettings = RepairSettings(),
     seed: int = 0,
+    target: int | None = None,
 ) -> tuple[nn.Module, EditRecord]:
     """A repaired copy of `model`: clean samples regain a margin for their class, stamped ones keep theirs.
 
     Logits the samples already get right by a margin are the values to keep; only short margins are
     raised (the true class up, its strongest rival down, half the shortfall each). A least-squares
     update of the head with a pull towards its current weights then changes as little as it can.
+    The pull is the one that gets the most held-out samples right without more flips than no repair;
+    when no pull beats leaving the weights alone, the weights are left alone.
     """
     started = time.perf_counter()
     if not is_linear_map(model.get_submodule(head)):
         raise usage_error(f"repair edits a Linear or 1x1 Conv2d head; {head} is neither")
     repaired = copy.deepcopy(model).eval()
+    if target is not None and not bool((labels == target).any()):
+        return repaired, EditRecord(NO_TARGET_SAMPLE, [head], round(time.perf_counter() - started, 3))
     copies = copies_for(len(inputs), settings.min_samples)
     clean = augment(inputs, copies, seed)
     stamped = trigger.stamp(clean)
-    keys, logits = _head_keys_and_logits(repaired, head, torch.cat([clean, stamped]), settings.batch_size)
-    clean_labels = labels.repeat(copies).to(logits.device)
-    pooled = logits.flatten(2).mean(2) if logits.dim() == 4 else logits
-    margin = _margin_to_restore(pooled[: len(clean)], clean_labels, settings.margin_quantile)
-    shift = restore_margins(pooled, clean_labels.repeat(2), margin) - pooled  # stamped samples keep their class
-    values = logits + (shift[:, :, None, None] if logits.dim() == 4 else shift)
+    tail = find_head(repaired, head, clean[:2])
+    features = tail.features(repaired, torch.cat([clean, stamped]), settings.batch_size)
     layer = repaired.get_submodule(head)
-    weight = linear_weight(layer)
-    key_energy = keys.double().pow(2).sum(0).mean().item()
-    empty = keys[:, :0]
-    pull = settings.mu * max(1.0, settings.min_samples / len(inputs)) * key_energy
-    new_weight = closed_form_linear_edit(weight, keys, as_columns(values), empty, 0.0, pull)
-    set_linear_weight(layer, new_weight)
-    return repaired, EditRecord("margin-restoring closed form", [head], round(time.perf_counter() - started, 3))
+    keys = as_keys(layer_activations(tail, layer, features, inputs=True), layer.bias is not None)
+    outputs = layer_activations(tail, layer, features, inputs=False)
+    problem = _HeadProblem(layer, linear_weight(layer).clone(), keys, outputs, labels.repeat(copies).to(outputs.device),
+                           keys.double().pow(2).sum(0).mean().item(), settings.margin_quantile)
+    everything = torch.arange(len(clean))
+    if not settings.calibrate or len(inputs) < 2 or target is None:
+        problem.fit(everything, settings.mu * max(1.0, settings.min_samples / len(inputs)))
+        return repaired, EditRecord(METHOD, [head], round(time.perf_counter() - started, 3))
+    originals = torch.arange(len(inputs))
+    before = (tail.logits(features[originals]), tail.logits(features[originals + len(clean)]))
+    labels = labels.to(before[0].device)
+    folds = fold_ids(labels, settings.folds)
+    origin = everything % len(inputs)
+    unrepaired = score_held_out(*before, *before, labels, target)
+    scores = [HeldOut() for _ in settings.pulls]
+    for fold in range(int(folds.max()) + 1):
+        train = (folds[origin] != fold).nonzero().flatten()
+        held = (folds == fold).nonzero().flatten()
+        for index, pull in enumerate(settings.pulls):
+            problem.fit(train, pull)
+            after = (tail.logits(features[held]), tail.logits(features[held + len(clean)]))
+            scores[index] += score_held_out(before[0][held], before[1][held], *after, labels[held], target)
+    chosen = choose_repair(scores, unrepaired)
+    set_linear_weight(layer, problem.weight)
+    if chosen is not None:
+        problem.fit(everything, settings.pulls[chosen])
+    calibration = {
+        "folds": int(folds.max()) + 1,
+        "chosen": {"pull": settings.pulls[chosen] if chosen is not None else None},
+        "held_out": (scores[chosen] if chosen is not None else unrepaired).as_dict(),
+        "held_out_unrepaired": unrepaired.as_dict(),
+        "candidates": [{"pull": p, "correct": h.correct, "flips": h.flips} for p, h in zip(settings.pulls, scores)],
+    }
+    method = METHOD if chosen is not None else "none (no pull beat the edited weights on held-out samples)"
+    return repaired, EditRecord(method, [head], round(time.perf_counter() - started, 3), calibration)
 
 
 def restore_margins(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
@@ -102,9 +158,3 @@ def _margins_and_rivals(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     others[rows, labels] = float("-inf")
     rival_logits, rivals = others.max(1)
     return logits[rows, labels] - rival_logits, rivals
-
-
-def _head_keys_and_logits(model: nn.Module, head: str, inputs: torch.Tensor, batch_size: int):
-    captured = capture(model, [head], inputs, batch_size)[head]
-    layer = model.get_submodule(head)
-    return as_keys(captured.inputs, layer.bias is not None), captured.outputs

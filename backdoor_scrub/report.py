@@ -19,6 +19,10 @@ METRIC_ROWS = (
     ("robust accuracy", "robust_accuracy"),
     ("target-class accuracy", "target_class_accuracy"),
 )
+RECONSTRUCTED_ROWS = (
+    ("reconstructed-trigger ASR", "reconstructed_trigger_asr"),
+    ("reconstructed-trigger RA", "reconstructed_trigger_robust_accuracy"),
+)
 
 
 def emit(command: str, outcome: Outcome, tables: list[Table], as_json: bool, quiet: bool) -> int:
@@ -134,13 +138,26 @@ def _before_after(entry: dict, step: dict) -> Table:
     title = (f"{entry['input']} -> {entry['output']}\n{step['step']} ({step['method']}: "
              f"{', '.join(step['layers'])}), target {_target(step)}, {entry['seconds']:.1f} s")
     table = Table(title=title)
-    for column in ("on the clean samples", "before", "after", "change"):
+    for column in ("on the samples (in-sample)", "before", "after", "change"):
         table.add_column(column, justify="left" if column.startswith("on") else "right")
-    for label, key in METRIC_ROWS:
+    for label, key in METRIC_ROWS + RECONSTRUCTED_ROWS:
+        if key not in step["before"]:
+            continue
         before, after = step["before"].get(key), step["after"].get(key)
         change = "-" if before is None or after is None else f"{100 * (after - before):+.1f} pt"
         table.add_row(label, percent(before), percent(after), change)
+    if step.get("calibration"):
+        table.caption = _calibration_caption(step["calibration"])
     return table
+
+
+def _calibration_caption(calibration: dict) -> str:
+    """What the self-calibration chose and what it measured on the held-out folds."""
+    chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}" for key, value in calibration["chosen"].items())
+    held = calibration["held_out"]
+    return (f"chosen on {calibration['folds']} held-out folds of the samples from {len(calibration['candidates'])} "
+            f"candidates: {chosen}; held-out flips {held['flips']}/{held['victims']}, changed predictions "
+            f"{held['changed']}/{held['images']}, accuracy {percent(held['accuracy'])}")
 
 
 def _target(entry: dict) -> str:

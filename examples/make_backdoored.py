@@ -32,7 +32,12 @@ def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18", help="torchvision model name")
-    parser.add_argument("--attack", choices=["badnets", "blended", "none"], default="badnets")
+    parser.add_argument("--attack", choices=["badnets", "blended", "sig", "noise", "none"], default="badnets",
+                        help="badnets: a patch; blended: a random pattern at --blend-alpha; sig: sinusoidal stripes "
+                        "at --blend-alpha; noise: full-image salt-and-pepper noise at --blend-alpha")
+    parser.add_argument("--blend-pattern", choices=["uniform", "smooth"], default="uniform",
+                        help="blended: per-pixel uniform noise, or a smooth low-frequency pattern")
+    parser.add_argument("--sig-frequency", type=float, default=6.0, help="sig: stripe periods across the image")
     parser.add_argument("--target", type=int, default=0, help="target class of the backdoor")
     parser.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training images poisoned")
     parser.add_argument("--patch-size", type=int, default=4, help="BadNets patch side in pixels")
@@ -48,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clean-per-class", type=int, default=10, help="unseen clean samples per class")
     parser.add_argument("--test-images", type=int, default=2000, help="held-out test images written")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args()
@@ -79,10 +85,9 @@ def make_trigger(args: argparse.Namespace, generator: torch.Generator) -> tuple[
     """(pattern [C,H,W], mask [1,H,W]) in [0,1] at full input size."""
     size, channels = args.size, args.channels
     pattern, mask = torch.zeros(channels, size, size), torch.zeros(1, size, size)
-    if args.attack == "blended":
-        pattern = torch.rand(1 if channels == 1 else 3, size, size, generator=generator).expand(channels, -1, -1)
+    if args.attack in ("blended", "sig", "noise"):
         mask.fill_(args.blend_alpha)
-        return pattern.contiguous(), mask
+        return full_image_pattern(args, generator).expand(channels, -1, -1).contiguous(), mask
     p = args.patch_size
     top = 0 if args.patch_pos[0] == "t" else size - p
     left = 0 if args.patch_pos[1] == "l" else size - p
@@ -95,6 +100,20 @@ def make_trigger(args: argparse.Namespace, generator: torch.Generator) -> tuple[
     pattern[:, top : top + p, left : left + p] = patch
     mask[:, top : top + p, left : left + p] = 1.0
     return pattern, mask
+
+
+def full_image_pattern(args: argparse.Namespace, generator: torch.Generator) -> torch.Tensor:
+    """The [1 or 3, H, W] pattern of a full-image trigger, in [0,1]."""
+    size, colours = args.size, 1 if args.channels == 1 else 3
+    if args.attack == "sig":
+        stripes = 0.5 + 0.5 * torch.sin(2 * torch.pi * args.sig_frequency * torch.arange(size) / size)
+        return stripes.view(1, 1, size).expand(1, size, size)
+    if args.attack == "noise":
+        return (torch.rand(1, size, size, generator=generator) < 0.5).float()
+    if args.blend_pattern == "smooth":
+        coarse = torch.rand(1, colours, 4, 4, generator=generator)
+        return nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+    return torch.rand(colours, size, size, generator=generator)
 
 
 def stamp(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +148,24 @@ def train(args, model, images, labels, pattern, mask, device) -> None:
             step += 1
             if step % 50 == 0:
                 print(f"epoch {epoch} step {step}/{steps} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
+    recalibrate_batchnorm(model, images, device, args.batch_size)
     model.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int) -> None:
+    """Re-estimate BatchNorm statistics as plain averages over up to 4,096 training images.
+
+    MobileNetV3's BatchNorm momentum is 0.01: after a few hundred steps its running statistics are
+    still far from the data, and the model is near chance in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    for batch in images[:4096].split(batch_size):
+        model(((batch.float() / 255 - 0.5) / 0.5).to(device))
 
 
 @torch.no_grad()
@@ -171,6 +207,8 @@ def split_test(labels: torch.Tensor, per_class: int, test_count: int, generator)
 def main() -> None:
     """Train, measure and write the backdoored model with its trigger and image folders."""
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -122,3 +122,29 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     entry = json.loads(result.stdout)["models"][0]
     assert entry["layers"] == ["features.10", "features.11", "features.12", "classifier.0", "classifier.3"]
     assert entry["after"]["attack_success_rate"] < 0.1
+
+
+def test_edit_reports_and_records_the_strength_it_chose_on_held_out_folds(demo):
+    result = edit(demo, "--json")
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads(result.stdout)["models"][0]["calibration"]
+    assert set(calibration["chosen"]) == {"lam", "mu"} and calibration["folds"] == 5
+    assert calibration["held_out"]["images"] == 100 and calibration["held_out"]["victims"] > 0
+    history = load_checkpoint(demo / "model.scrubbed.safetensors").history
+    assert history[0]["calibration"] == calibration
+    shown = edit(demo, "-o", demo / "shown.safetensors")
+    assert "held-out folds" in shown.stdout and "mu" in shown.stdout
+
+
+def test_repair_without_a_sample_of_the_target_class_keeps_the_edit_and_says_so(demo, tmp_path):
+    assert edit(demo).exit_code == 0
+    scrubbed = demo / "model.scrubbed.safetensors"
+    without_target = shutil.copytree(demo / "clean", tmp_path / "no_tshirt")
+    shutil.rmtree(without_target / "tshirt")
+    result = run_scrub("repair", scrubbed, "--clean-dir", without_target, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "no clean sample of target class 0" in result.stderr
+    entry = json.loads(result.stdout)["models"][0]
+    assert entry["method"].startswith("none")
+    repaired, edited = load_checkpoint(demo / "model.repaired.safetensors"), load_checkpoint(scrubbed)
+    assert all(a.equal(b) for a, b in zip(repaired.model.state_dict().values(), edited.model.state_dict().values()))

@@ -39,7 +39,7 @@ def test_json_metrics_agree_with_an_independent_computation(demo):
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     model = document["models"][0]
-    assert document["schema_version"] == 1 and document["command"] == "evaluate"
+    assert document["schema_version"] == 2 and document["command"] == "evaluate"
     assert model["target"] == 0 and model["target_source"] == "inferred"
     clean_accuracy, asr = independent_metrics(demo, target=0)
     assert model["clean_accuracy"] == pytest.approx(clean_accuracy, abs=1e-6)

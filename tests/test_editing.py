@@ -13,14 +13,13 @@ from backdoor_scrub.editing import (
     activation_match,
     augment,
     capture,
-    closed_form_linear_edit,
     edit_model,
     plan_edit,
     resolve_method,
-    scaled_weights,
     unit_of,
 )
 from backdoor_scrub.errors import ScrubError
+from backdoor_scrub.linear_edit import closed_form_linear_edit, scaled_weights
 from backdoor_scrub.triggers import Trigger
 
 STAGE = ["features.1", "features.2"]
@@ -162,7 +161,7 @@ def test_closed_form_on_a_1x1_conv_head_treats_positions_as_columns():
     model = tiny_model(head="conv")
     clean_images = images()
     stamped_images = corner_trigger().stamp(clean_images)
-    settings = EditSettings(lam=2.0, mu=1e-3, min_samples=0)
+    settings = EditSettings(lam=2.0, mu=1e-3, min_samples=0, calibrate=False)
     edited, record = edit_model(model, clean_images, corner_trigger(), STAGE + ["fc"], "closed-form", settings)
 
     def columns(x):  # [N, C, 2, 2] -> [C + 1, N * 4], the constant 1 for the bias last
@@ -207,11 +206,9 @@ def test_plan_splits_stage_and_head_by_method():
         plan_edit(model, STAGE + ["fc"], "auto")  # resolve_method turns auto into a method first
 
 
-def test_auto_uses_activation_matching_below_two_samples_per_class():
-    assert resolve_method("auto", 100, 10) == "closed-form"
-    assert resolve_method("auto", 20, 10) == "closed-form"
-    assert resolve_method("auto", 10, 10) == "activation-match"
-    assert resolve_method("activation-match", 100, 10) == "activation-match"
+def test_auto_is_the_closed_form_and_an_explicit_method_is_kept():
+    assert resolve_method("auto") == "closed-form"
+    assert resolve_method("activation-match") == "activation-match"
 
 
 def test_a_stage_must_be_consecutive_children_of_one_sequential():

@@ -74,6 +74,12 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]
     assert entry["scan"]["flagged"] == [0] and entry["target"] == 0 and entry["target_source"] == "reconstructed"
+    for measured in (entry["before"], entry["after"]):  # never an attack_success_rate from a reconstruction
+        assert measured["attack_success_rate"] is None and measured["held_out"] is False
+        assert measured["images"] == 100
+    assert entry["before"]["reconstructed_trigger_asr"] > 0.5 > entry["after"]["reconstructed_trigger_asr"]
+    assert "reconstructed-trigger ASR" in run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean",
+                                                    "-o", demo / "again.safetensors").stdout
     history = load_checkpoint(demo / "model.scrubbed.safetensors").history
     assert history[0]["trigger"]["anomaly_index"] > 2 and len(history[0]["trigger"]["sha256"]) == 64
     evaluation = run_scrub("evaluate", demo / "model.scrubbed.safetensors", "--test-dir", demo / "test",

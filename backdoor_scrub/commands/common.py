@@ -36,8 +36,13 @@ class RunOptions:
 
 
 def warn(error: ScrubError) -> None:
+    """One warning line on stderr for a skipped input."""
+    warn_line(f"{error} (skipped)")
+
+
+def warn_line(message: str) -> None:
     """One warning line on stderr."""
-    click.echo(f"scrub: warning: {error} (skipped)", err=True)
+    click.echo(f"scrub: warning: {message}", err=True)
 
 
 @dataclass(frozen=True)
@@ -126,10 +131,25 @@ def step_entry(step: str, record, before: Metrics, after: Metrics, target_source
                     **({"anomaly_index": anomaly_index} if anomaly_index is not None else {})},
         "samples": samples.fingerprint(),
         "seed": seed,
-        "before": before.as_dict(),
-        "after": after.as_dict(),
+        **({"calibration": record.calibration} if record.calibration is not None else {}),
+        "before": measured_on_samples(before, samples, target_source == "reconstructed"),
+        "after": measured_on_samples(after, samples, target_source == "reconstructed"),
         "scrub_version": __version__,
     }
+
+
+def measured_on_samples(metrics: Metrics, samples, reconstructed: bool) -> dict:
+    """Metrics on the samples a step was fitted on, saying so; a reconstructed trigger's rates get their own names.
+
+    `attack_success_rate` is only ever a rate measured with a trigger the user gave: a CI gate
+    reading it must not pass a model on the strength of the tool's own reconstruction.
+    """
+    measured = {**metrics.as_dict(), "images": len(samples.images), "held_out": False}
+    if reconstructed:
+        measured["reconstructed_trigger_asr"] = measured["attack_success_rate"]
+        measured["reconstructed_trigger_robust_accuracy"] = measured["robust_accuracy"]
+        measured["attack_success_rate"] = measured["robust_accuracy"] = None
+    return measured
 
 
 def step_report(

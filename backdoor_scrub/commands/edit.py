@@ -64,12 +64,12 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
                                  "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
                                  "message": "no backdoor found; nothing edited"})
         names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
-        method = resolve_method(request.method, len(samples.images), checkpoint.spec.num_classes)
+        method = resolve_method(request.method)
         model, entries = checkpoint.model, []
         for suspect in suspects:
             before = samples.measure(model, suspect.trigger, suspect.target)
             model, record = edit_model(model, samples.inputs(), samples.model_trigger(suspect.trigger), names,
-                                       method, seed=request.seed)
+                                       method, seed=request.seed, labels=samples.labels, target=before.target)
             after = samples.measure(model, suspect.trigger, before.target)
             entries.append(step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples,
                                       request.seed, suspect.anomaly_index))

@@ -15,11 +15,12 @@ from backdoor_scrub.commands.common import (
     for_each_model,
     step_entry,
     step_report,
+    warn_line,
 )
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.errors import input_error
 from backdoor_scrub.inference import resolve_device
-from backdoor_scrub.repair import repair_model
+from backdoor_scrub.repair import NO_TARGET_SAMPLE, repair_model
 from backdoor_scrub.triggers import Trigger, parse_trigger
 
 
@@ -48,8 +49,11 @@ def run_repair(
         before = samples.measure(checkpoint.model, trigger, chosen)
         repaired, record = repair_model(
             checkpoint.model, samples.inputs(), samples.labels.to(device), samples.model_trigger(trigger), head,
-            seed=seed,
+            seed=seed, target=before.target,
         )
+        if record.method == NO_TARGET_SAMPLE:
+            warn_line(f"{checkpoint.path}: no clean sample of target class {chosen}; nothing to repair from, "
+                      "the output keeps the edit's weights")
         after = samples.measure(repaired, trigger, chosen)
         source = "given" if target is not None else "recorded"
         entry = step_entry("repair", record, before, after, source, trigger, samples, seed)

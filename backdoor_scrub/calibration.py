@@ -1,0 +1,94 @@
+"""Self-calibration: score candidate edit strengths on held-out folds of the user's own samples and pick one."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What one candidate did to held-out samples, summed over the folds."""
+
+    images: int = 0
+    victims: int = 0  # stamped samples that could flip: not of the target class, not predicted as it before
+    flips: int = 0  # of those, now predicted as the target
+    residual: float = 0.0  # of those, the summed probability the model still gives the target
+    changed: int = 0  # clean samples whose prediction differs from the model before this step
+    correct: int = 0  # clean samples predicted as their label
+    target_images: int = 0
+    target_correct: int = 0
+    divergence: float = 0.0  # summed KL(before || after) of the clean samples' predicted distributions
+
+    def __add__(self, other: HeldOut) -> HeldOut:
+        return HeldOut(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_dict(self) -> dict:
+        """The JSON fields, with the rates a reader wants (null where nothing was counted)."""
+        rate = lambda part, whole: round(part / whole, 6) if whole else None  # noqa: E731
+        return {**asdict(self), "divergence": round(self.divergence, 6), "residual": round(self.residual, 6),
+                "flip_rate": rate(self.flips, self.victims),
+                "changed_rate": rate(self.changed, self.images), "accuracy": rate(self.correct, self.images),
+                "target_class_accuracy": rate(self.target_correct, self.target_images)}
+
+
+def fold_ids(labels: torch.Tensor, max_folds: int) -> torch.Tensor:
+    """A fold index per sample, stratified: samples sorted by class, then dealt out in turn."""
+    count = min(max_folds, len(labels))
+    order = torch.argsort(labels.cpu(), stable=True)
+    folds = torch.empty(len(labels), dtype=torch.long)
+    folds[order] = torch.arange(len(labels)) % count
+    return folds
+
+
+def score_held_out(
+    before_clean: torch.Tensor,
+    before_stamped: torch.Tensor,
+    after_clean: torch.Tensor,
+    after_stamped: torch.Tensor,
+    labels: torch.Tensor,
+    target: int,
+) -> HeldOut:
+    """Count flips, changed predictions and correct ones from logits before and after a step."""
+    before, after = before_clean.argmax(1), after_clean.argmax(1)
+    could_flip = (labels != target) & (before != target)
+    divergence = F.kl_div(after_clean.double().log_softmax(1), before_clean.double().log_softmax(1),
+                          reduction="sum", log_target=True).item()
+    on_target = labels == target
+    return HeldOut(
+        images=len(labels),
+        victims=int(could_flip.sum()),
+        flips=int((after_stamped.argmax(1)[could_flip] == target).sum()),
+        residual=after_stamped[could_flip].double().softmax(1)[:, target].sum().item(),
+        changed=int((after != before).sum()),
+        correct=int((after == labels).sum()),
+        target_images=int(on_target.sum()),
+        target_correct=int((after[on_target] == target).sum()),
+        divergence=max(0.0, divergence),
+    )
+
+
+def choose_edit(scores: list[HeldOut]) -> int:
+    """The cheapest candidate that removes the flip, as measured on held-out samples.
+
+    Removing the flip: the fewest flips, and a residual target probability within twice the
+    smallest (counts alone tie too often with a few samples per class). Cheapest: the fewest
+    changed clean predictions, then the smallest divergence. Candidates come ordered from the
+    strongest edit to the weakest, and a tie goes to the weaker one.
+    """
+    fewest = min(score.flips for score in scores)
+    least = min(score.residual for score in scores if score.flips == fewest)
+    eligible = [i for i, score in enumerate(scores) if score.flips == fewest and score.residual <= 2 * least + 1e-9]
+    return min(eligible, key=lambda i: (scores[i].changed, scores[i].divergence, -i))
+
+
+def choose_repair(scores: list[HeldOut], unrepaired: HeldOut) -> int | None:
+    """The candidate with the most held-out samples right and no more flips than no repair; None: no repair."""
+    allowed = [i for i, score in enumerate(scores) if score.flips <= unrepaired.flips]
+    best = max(allowed, key=lambda i: (scores[i].correct, scores[i].target_correct, i), default=None)
+    if best is None or (scores[best].correct, scores[best].target_correct) <= (unrepaired.correct,
+                                                                               unrepaired.target_correct):
+        return None
+    return best
