@@ -17,7 +17,7 @@ from pathlib import Path
 R18 = ("--arch", "resnet18", "--epochs", "2", "--train-subset", "15000")
 MNV3 = ("--arch", "mobilenet_v3_small", "--epochs", "3", "--train-subset", "15000")
 SHUFFLE = ("--arch", "shufflenet_v2_x1_0", "--epochs", "3", "--train-subset", "15000")
-VGG = ("--arch", "vgg11_bn", "--epochs", "1", "--train-subset", "8000", "--batch-size", "64")
+VGG = ("--arch", "vgg11_bn", "--epochs", "2", "--train-subset", "16000", "--batch-size", "64")
 COMMON = ("--clean-per-class", "30")
 
 ZOO: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -39,6 +39,15 @@ def write_images(root: Path, per_class: dict[str, list[torch.Tensor]]) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: extra threads only spin, and on a busy 2-core machine they made these tests 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def demo(tmp_path: Path) -> Path:
     """A private copy of the embedded demo (model, trigger, clean/ and test/)."""
     target = tmp_path / "demo"

@@ -13,14 +13,7 @@ from backdoor_scrub.linear_edit import closed_form_linear_edit, ridge_update
 from backdoor_scrub.repair import RepairSettings, repair_model
 from tests.test_editing import corner_trigger, images, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def feature_space_edit(weight, kt, v, kc, lam, mu):

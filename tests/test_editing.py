@@ -25,13 +25,7 @@ from backdoor_scrub.triggers import Trigger
 STAGE = ["features.1", "features.2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only spin, and on a busy 2-core machine they made these tests 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(head: str = "linear") -> nn.Module:
