@@ -117,7 +117,7 @@ def chain_problem(
     ref_layers = [reference.get_submodule(name) for name in chain]
     values = [layer_activations(ref_head, layer, ref_clean, inputs=False) for layer in ref_layers]
     before = (ref_head.logits(ref_clean[:samples]), ref_head.logits(ref_stamped[:samples]))
-    weights = [linear_weight(layer).clone() for layer in layers]
+    weights = [linear_weight(layer).double() for layer in layers]  # float64 once, not per candidate
     return ChainProblem(head, layers, weights, features_clean, features_stamped, values, samples), before
 
 
