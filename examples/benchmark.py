@@ -291,11 +291,12 @@ def draw_chart(rows: list[Row], path: Path) -> None:
     for position, group in enumerate(groups):
         chosen = [r for r in rows if (r.samples, r.defense) == group]
         spread = torch.linspace(-0.2, 0.2, len(chosen)).tolist()
-        asr_axis.scatter([position + s for s in spread], [100 * r.attack_success_rate for r in chosen], s=14)
+        asr_axis.scatter([position + s for s in spread], [max(0.1, 100 * r.attack_success_rate) for r in chosen], s=14)
         ca_axis.scatter([position + s for s in spread], [100 * r.ca_change for r in chosen], s=14)
-    asr_axis.set_yscale("symlog", linthresh=5)
+    asr_axis.set_yscale("log")
+    asr_axis.set_ylim(0.08, 130)
     asr_axis.axhline(2, color="grey", linestyle="--", linewidth=0.8)
-    asr_axis.set_ylabel("ASR after (%)")
+    asr_axis.set_ylabel("ASR after (%, log; 0.1 = at most 0.1)")
     ca_axis.axhline(0, color="grey", linewidth=0.8)
     ca_axis.set_ylabel("CA change (points)")
     ca_axis.set_xticks(range(len(groups)), [f"{d}\n{k}/class" for k, d in groups], fontsize=8)

@@ -1,6 +1,6 @@
 """The benchmark's model zoo: how each model is trained, and whether it tunes the method or only reports.
 
-    python examples/zoo.py list [--split tune|report]   # folder names, one a line
+    python examples/zoo.py list [--split tune|report|reference|candidate]   # folder names, one a line
     python examples/zoo.py train NAME [--threads N]     # runs make_backdoored.py into runs/NAME
 
 Constants of the method may be chosen by looking at the `tune` models only. The `report`
@@ -47,7 +47,9 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
                                       "--patch-size", "4", "--target", "5", "--seed", "41")),
     "shuffle_blend15": ("report", (*SHUFFLE, "--attack", "blended", "--blend-alpha", "0.15", "--target", "2",
                                    "--seed", "42")),
-    "vgg11bn_checker4_tl": ("report", (*VGG, "--attack", "badnets", "--patch-pos", "tl", "--target", "9",
+    # VGG-11-BN: 1 epoch of 8,000 images reached 53% CA and 2 epochs of 16,000 were still at loss 1.9 after
+    # 300 steps (16 minutes on one thread), so it is not in the report split yet; see CHANGELOG.
+    "vgg11bn_checker4_tl": ("candidate", (*VGG, "--attack", "badnets", "--patch-pos", "tl", "--target", "9",
                                        "--seed", "51")),
     # Clean references: the CA a backdoored model is compared with, and the scan's false-flag check.
     "r18_clean": ("reference", (*R18, "--attack", "none", "--seed", "61")),
@@ -61,12 +63,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["list", "train"])
     parser.add_argument("name", nargs="?")
-    parser.add_argument("--split", choices=["tune", "report", "reference"])
+    parser.add_argument("--split", choices=["tune", "report", "reference", "candidate"])
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=Path("runs"))
     args = parser.parse_args()
     if args.action == "list":
-        print("\n".join(name for name, (split, _) in ZOO.items() if args.split in (None, split)))
+        wanted = {args.split} if args.split else {"tune", "report", "reference"}
+        print("\n".join(name for name, (split, _) in ZOO.items() if split in wanted))
         return
     if args.name not in ZOO:
         sys.exit(f"unknown model {args.name!r}; see `python examples/zoo.py list`")
