@@ -225,9 +225,9 @@ def _destination(params: dict):
               help="Layer to edit (repeat; default: the automatic choice `scrub inspect` marks with *).")
 @click.option("--method", type=click.Choice(["auto", "closed-form", "activation-match"]), default="auto",
               show_default=True,
-              help="closed-form: least-squares edit of the head's linear layers; activation-match: also "
-                   "retrain the last stage on cached activations (slower); auto: closed form from 2 samples "
-                   "per class on, activation matching below that.")
+              help="closed-form: least-squares edit of the head's linear layers, its strength chosen on "
+                   "held-out folds of the samples; activation-match: first retrain the last stage on cached "
+                   "activations (slower); auto: the closed form.")
 @scan_options
 @output_options
 @model_options
