@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -41,6 +42,36 @@ def fold_ids(labels: torch.Tensor, max_folds: int) -> torch.Tensor:
     folds = torch.empty(len(labels), dtype=torch.long)
     folds[order] = torch.arange(len(labels)) % count
     return folds
+
+
+def cross_validate(
+    labels: torch.Tensor,
+    rows: int,
+    candidates: Sequence,
+    fit: Callable[[torch.Tensor, object], None],
+    logits_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    before: tuple[torch.Tensor, torch.Tensor],
+    target: int,
+    max_folds: int,
+) -> tuple[list[HeldOut], int]:
+    """Each candidate's held-out scores summed over the folds, and the number of folds.
+
+    `labels` are the user's samples'; rows 0..rows-1 are those samples then their augmented copies
+    (row i a copy of sample i % len(labels)), so a sample and its copies are always held out together.
+    `fit(training rows, candidate)` fits in place; `logits_of(held-out samples)` gives the (clean,
+    stamped) logits after it; `before` holds the logits of every sample before the step.
+    """
+    folds = fold_ids(labels, max_folds)
+    origin = torch.arange(rows) % len(labels)
+    scores = [HeldOut() for _ in candidates]
+    count = int(folds.max()) + 1
+    for fold in range(count):
+        train = (folds[origin] != fold).nonzero().flatten()
+        held = (folds == fold).nonzero().flatten()
+        for index, candidate in enumerate(candidates):
+            fit(train, candidate)
+            scores[index] += score_held_out(before[0][held], before[1][held], *logits_of(held), labels[held], target)
+    return scores, count
 
 
 def score_held_out(

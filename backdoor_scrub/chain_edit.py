@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from backdoor_scrub.calibration import HeldOut, choose_edit, fold_ids, score_held_out
+from backdoor_scrub.calibration import choose_edit, cross_validate
 from backdoor_scrub.head import Head, find_head
 from backdoor_scrub.linear_edit import (
     LowRankUpdate,
@@ -55,8 +55,8 @@ class ChainProblem:
         self.clear()
         for position, layer in enumerate(self.layers):
             with_bias = layer.bias is not None
-            keys_t = as_keys(self._inputs(position, self.stamped[rows]), with_bias)
-            keys_c = as_keys(self._inputs(position, self.clean[rows]), with_bias)
+            keys_t = as_keys(layer_activations(self.head, layer, self.stamped[rows], inputs=True), with_bias)
+            keys_c = as_keys(layer_activations(self.head, layer, self.clean[rows], inputs=True), with_bias)
             lam, mu = scaled_weights(keys_t, keys_c, strength.lam, strength.mu)
             values = as_columns(self.values[position][rows])
             update = linear_edit_update(self.weights[position], keys_t, values, keys_c, lam, mu, values)
@@ -80,11 +80,6 @@ class ChainProblem:
     def logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean, stamped) logits of the given rows with the current edit."""
         return self.head.logits(self.clean[rows]), self.head.logits(self.stamped[rows])
-
-    def _inputs(self, position: int, features: torch.Tensor) -> torch.Tensor:
-        if position == 0 and self.head.first is not None:
-            return features
-        return layer_activations(self.head, self.layers[position], features, inputs=True)
 
 
 def _add_update(layer: nn.Module, args: tuple, output: torch.Tensor, update: LowRankUpdate) -> torch.Tensor:
@@ -130,19 +125,11 @@ def calibrate(
     max_folds: int,
 ) -> tuple[Strength, dict]:
     """Score every strength on held-out folds of the samples; the chosen one and what was measured."""
-    folds = fold_ids(labels, max_folds)
-    origin = torch.arange(len(problem.clean)) % problem.samples
-    scores = [HeldOut() for _ in strengths]
-    for fold in range(int(folds.max()) + 1):
-        train = (folds[origin] != fold).nonzero().flatten()
-        held = (folds == fold).nonzero().flatten()
-        for index, strength in enumerate(strengths):
-            problem.fit(train, strength)
-            after = problem.logits(held)
-            scores[index] += score_held_out(before[0][held], before[1][held], *after, labels[held], target)
+    scores, folds = cross_validate(labels, len(problem.clean), strengths, problem.fit, problem.logits, before, target,
+                                   max_folds)
     chosen = choose_edit(scores)
     report = {
-        "folds": int(folds.max()) + 1,
+        "folds": folds,
         "chosen": {"lam": strengths[chosen].lam, "mu": strengths[chosen].mu},
         "held_out": scores[chosen].as_dict(),
         "candidates": [{"lam": s.lam, "mu": s.mu, "flips": h.flips, "changed": h.changed,
@@ -159,7 +146,13 @@ def strength_grid(lams: tuple[float, ...], mus: tuple[float, ...]) -> list[Stren
 
 @torch.no_grad()
 def layer_activations(head: Head, layer: nn.Module, features: torch.Tensor, inputs: bool) -> torch.Tensor:
-    """The input (or output) of one layer of the head when it runs on `features`."""
+    """The input (or output) of one layer of the head when it runs on `features`.
+
+    The input of the head's first module is the features themselves: no pass is run for it.
+    """
+    first = head.module[0] if isinstance(head.module, nn.Sequential) else head.module
+    if inputs and layer is first:
+        return features
     captured: list[torch.Tensor] = []
     if inputs:
         handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backdoor_scrub.calibration import HeldOut, choose_repair, fold_ids, score_held_out
+from backdoor_scrub.calibration import choose_repair, cross_validate, score_held_out
 from backdoor_scrub.chain_edit import layer_activations
 from backdoor_scrub.editing import EditRecord, augment, copies_for
 from backdoor_scrub.errors import usage_error
@@ -104,26 +104,21 @@ def repair_model(
     if not settings.calibrate or len(inputs) < 2 or target is None:
         problem.fit(everything, settings.mu * max(1.0, settings.min_samples / len(inputs)))
         return repaired, EditRecord(METHOD, [head], round(time.perf_counter() - started, 3))
-    originals = torch.arange(len(inputs))
-    before = (tail.logits(features[originals]), tail.logits(features[originals + len(clean)]))
+
+    def logits_of(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tail.logits(features[samples]), tail.logits(features[samples + len(clean)])
+
+    before = logits_of(torch.arange(len(inputs)))
     labels = labels.to(before[0].device)
-    folds = fold_ids(labels, settings.folds)
-    origin = everything % len(inputs)
     unrepaired = score_held_out(*before, *before, labels, target)
-    scores = [HeldOut() for _ in settings.pulls]
-    for fold in range(int(folds.max()) + 1):
-        train = (folds[origin] != fold).nonzero().flatten()
-        held = (folds == fold).nonzero().flatten()
-        for index, pull in enumerate(settings.pulls):
-            problem.fit(train, pull)
-            after = (tail.logits(features[held]), tail.logits(features[held + len(clean)]))
-            scores[index] += score_held_out(before[0][held], before[1][held], *after, labels[held], target)
+    scores, folds = cross_validate(labels, len(clean), settings.pulls, problem.fit, logits_of, before, target,
+                                   settings.folds)
     chosen = choose_repair(scores, unrepaired)
     set_linear_weight(layer, problem.weight)
     if chosen is not None:
         problem.fit(everything, settings.pulls[chosen])
     calibration = {
-        "folds": int(folds.max()) + 1,
+        "folds": folds,
         "chosen": {"pull": settings.pulls[chosen] if chosen is not None else None},
         "held_out": (scores[chosen] if chosen is not None else unrepaired).as_dict(),
         "held_out_unrepaired": unrepaired.as_dict(),
