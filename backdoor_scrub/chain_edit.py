@@ -98,22 +98,31 @@ def chain_problem(
 ) -> tuple[ChainProblem, tuple[torch.Tensor, torch.Tensor]]:
     """The problem for `edited`'s chain, with values and before-logits from `reference` (the unedited model).
 
-    When the two share their backbone (no stage was edited), the backbone runs once per image set.
+    `stamped` may hold several stamped copies of `clean` (one per trigger of a family), one after
+    the other: the clean features are computed once and repeated to match. When the two models
+    share their backbone (no stage was edited), the backbone runs once per image set.
     """
+    copies = len(stamped) // len(clean)
     head = find_head(edited, chain[0], clean[:2])
     layers = [edited.get_submodule(name) for name in chain]
-    features_clean, features_stamped = head.features(edited, clean, batch_size), head.features(edited, stamped, batch_size)
+    features_clean = _repeat(head.features(edited, clean, batch_size), copies)
+    features_stamped = head.features(edited, stamped, batch_size)
     if reference is edited:
         ref_head, ref_clean, ref_stamped = head, features_clean, features_stamped[:samples]
     else:
         ref_head = find_head(reference, chain[0], clean[:2])
-        ref_clean = ref_head.features(reference, clean, batch_size)
+        ref_clean = _repeat(ref_head.features(reference, clean, batch_size), copies)
         ref_stamped = ref_head.features(reference, stamped[:samples], batch_size)
     ref_layers = [reference.get_submodule(name) for name in chain]
     values = [layer_activations(ref_head, layer, ref_clean, inputs=False) for layer in ref_layers]
     before = (ref_head.logits(ref_clean[:samples]), ref_head.logits(ref_stamped[:samples]))
     weights = [linear_weight(layer).double() for layer in layers]  # float64 once, not per candidate
     return ChainProblem(head, layers, weights, features_clean, features_stamped, values, samples), before
+
+
+def _repeat(rows: torch.Tensor, copies: int) -> torch.Tensor:
+    """The rows, `copies` times one after the other."""
+    return rows.repeat(copies, *([1] * (rows.dim() - 1)))
 
 
 def calibrate(

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from backdoor_scrub.contract import (
 )
 from backdoor_scrub.errors import input_error, usage_error
 from backdoor_scrub.safetensors_io import read_safetensors, write_safetensors
+from backdoor_scrub.timm_models import build_timm_model, check_timm_arch, hub_folder, is_hub_folder, is_timm_arch
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 MAX_SIDE, MAX_CLASSES = 4096, 1_000_000
@@ -79,8 +81,14 @@ def torchvision_architectures() -> list[str]:
 
 
 def load_checkpoint(path: Path, overrides: SpecOverrides = SpecOverrides()) -> Checkpoint:
-    """Read a safetensors checkpoint, build its architecture and load the weights strictly."""
-    tensors, metadata, digest = read_safetensors(path)
+    """Read a safetensors checkpoint, build its architecture and load the weights strictly.
+
+    `path` may also be a folder saved the way timm saves a model for a hub (model.safetensors and
+    config.json): the config fills in the metadata the file does not have.
+    """
+    weights, folder_metadata = hub_folder(path) if is_hub_folder(path) else (path, {})
+    tensors, file_metadata, digest = read_safetensors(weights)
+    metadata = {**folder_metadata, **file_metadata}
     spec = resolve_spec(path, metadata, overrides)
     state = _strip_prefixes(tensors)
     _check_finite(path, state)
@@ -144,7 +152,9 @@ def resolve_spec(path: Path, metadata: dict[str, str], overrides: SpecOverrides)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """An untrained instance of the architecture (torchvision name or pkg.module:factory)."""
+    """An untrained instance of the architecture (torchvision name, timm:NAME or pkg.module:factory)."""
+    if is_timm_arch(spec.arch):
+        return build_timm_model(spec.arch, spec.num_classes)
     if ":" in spec.arch:
         module_name, factory_name = spec.arch.split(":")
         try:
@@ -158,6 +168,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
 def _parse_arch(path: Path, value: str, from_command_line: bool) -> str:
     if value in torchvision_architectures():
         return value
+    if is_timm_arch(value):
+        return check_timm_arch(path, value)
     if CUSTOM_ARCH.match(value) and from_command_line:
         return value
     if CUSTOM_ARCH.match(value):
@@ -168,7 +180,7 @@ def _parse_arch(path: Path, value: str, from_command_line: bool) -> str:
     source = "--arch" if from_command_line else "metadata arch"
     raise input_error(
         f"{path}: {source} {value!r} is not a torchvision classification model "
-        "(see torchvision.models.list_models) nor pkg.module:factory"
+        "(see torchvision.models.list_models), timm:NAME nor pkg.module:factory"
     )
 
 
@@ -255,7 +267,11 @@ def _load_strict(path: Path, spec: ModelSpec, model: nn.Module, state: dict[str,
             f"{path}: weights do not match arch {spec.arch} with {spec.num_classes} classes: "
             + "; ".join(problems)
         )
-    model.load_state_dict(state, strict=True)
+    # The module versions of the architecture's own state dict: a plain dict has none, and some
+    # modules (MNASNet) refuse to load without them.
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(expected, "_metadata", None)
+    model.load_state_dict(versioned, strict=True)
 
 
 def _first(names: list[str], shown: int = 3) -> str:

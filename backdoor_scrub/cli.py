@@ -127,6 +127,9 @@ def scan_options(command):
                      help="Flag a class whose anomaly index (MAD of mask sizes) exceeds this."),
         click.option("--scan-steps", type=click.IntRange(1), default=150, show_default=True,
                      help="Optimisation steps of the trigger reconstruction."),
+        click.option("--restarts", type=click.IntRange(1), default=3, show_default=True,
+                     help="Reconstructions of each class that could be flagged, from different random starts; "
+                          "its mask size is their median."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -134,7 +137,8 @@ def scan_options(command):
 def _scan_settings(params: dict):
     from backdoor_scrub.scan import ScanSettings
 
-    return ScanSettings(steps=params.pop("scan_steps"), threshold=params.pop("threshold"))
+    return ScanSettings(steps=params.pop("scan_steps"), threshold=params.pop("threshold"),
+                        restarts=params.pop("restarts"))
 
 
 @cli.command()
@@ -229,10 +233,14 @@ def _destination(params: dict):
                    "held-out folds of the samples; activation-match: first retrain the last stage on cached "
                    "activations (slower); auto: the closed form.")
 @scan_options
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="Without --trigger: edits at most. Each is followed by a scan of the edited model for the "
+                   "flagged class (its residual anomaly index is reported); while that class still has an "
+                   "anomalously small trigger, the trigger is added and the edit redone.")
 @output_options
 @model_options
 @run_options
-def edit(models, clean_dir, target, layers, method, seed, as_json, quiet, **params):
+def edit(models, clean_dir, target, layers, method, seed, rounds, as_json, quiet, **params):
     """Unlearn a trigger from MODELS by editing their later layers.
 
     Stamped clean samples are made to produce the activations of their clean versions while
@@ -248,7 +256,7 @@ def edit(models, clean_dir, target, layers, method, seed, as_json, quiet, **para
     from backdoor_scrub.report import emit, step_tables
 
     request = EditRequest(clean_dir, _trigger_options(params), target, tuple(layers), method, seed,
-                          _scan_settings(params))
+                          _scan_settings(params), rounds)
     destination = _destination(params)
     options = _run_options({**params, "quiet": quiet})
     outcome = run_edit(list(models), request, destination, options)

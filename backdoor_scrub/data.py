@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,25 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) in order, `batch_size` at a time."""
+        yield from zip(self.images.split(batch_size), self.labels.split(batch_size))
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The image files of a folder and their class indices (None: unlabeled), before any is decoded."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int] | None
+    class_mapping: str
+
+    def decoded_bytes(self, spec: ModelSpec) -> int:
+        """What all the images would take in memory once decoded at the model's input size."""
+        channels, height, width = spec.input_size
+        return len(self.paths) * channels * height * width
+
 
 class Normalize(nn.Module):
     """Maps images in [0,1] to the model's normalized input: (x - mean) / std."""
@@ -54,6 +73,23 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
+def list_image_folder(root: Path, spec: ModelSpec, allow_unlabeled: bool = False) -> ImageListing:
+    """The images of an ImageFolder-layout folder (or, if allowed, a flat folder of unlabeled images)."""
+    if not root.is_dir():
+        raise input_error(f"{root}: not a folder")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _image_files(d))
+    if class_dirs:
+        mapping, how = class_indices([d.name for d in class_dirs], spec, root)
+        files = [(path, mapping[d.name]) for d in class_dirs for path in _image_files(d)]
+        return ImageListing(root, [path for path, _ in files], [label for _, label in files], how)
+    if _image_files(root) and allow_unlabeled:
+        return ImageListing(root, _image_files(root), None, "unlabeled")
+    if _image_files(root):
+        raise input_error(f"{root}: images must be in class subfolders (ImageFolder layout)")
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    raise input_error(f"{root}: no images found (looked for {suffixes}, in class subfolders)")
+
+
 def load_image_folder(
     root: Path,
     spec: ModelSpec,
@@ -61,37 +97,56 @@ def load_image_folder(
     workers: int = 0,
     on_bad_image: Callable[[ScrubError], None] | None = None,
 ) -> ImageSet:
-    """Load an ImageFolder-layout folder (or, if allowed, a flat folder of unlabeled images).
+    """Decode every image of a folder (see list_image_folder) into one tensor.
 
     With `workers` > 0 the images are decoded by that many threads. An unreadable image is an
     input error, or, when `on_bad_image` is given, reported to it and left out.
     """
-    if not root.is_dir():
-        raise input_error(f"{root}: not a folder")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _image_files(d))
-    if class_dirs:
-        mapping, how = class_indices([d.name for d in class_dirs], spec, root)
-        files = [(path, mapping[d.name]) for d in class_dirs for path in _image_files(d)]
-    elif _image_files(root) and allow_unlabeled:
-        files, how = [(path, None) for path in _image_files(root)], "unlabeled"
-    elif _image_files(root):
-        raise input_error(f"{root}: images must be in class subfolders (ImageFolder layout)")
-    else:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise input_error(f"{root}: no images found (looked for {suffixes}, in class subfolders)")
-    paths = [path for path, _ in files]
+    listing = list_image_folder(root, spec, allow_unlabeled)
     read = functools.partial(_read_or_report, input_size=spec.input_size, on_bad_image=on_bad_image)
     if workers > 0:
         with ThreadPoolExecutor(workers) as pool:
-            decoded = list(pool.map(read, paths))
+            decoded = list(pool.map(read, listing.paths))
     else:
-        decoded = [read(path) for path in paths]
+        decoded = [read(path) for path in listing.paths]
     kept = [index for index, image in enumerate(decoded) if image is not None]
     if not kept:
-        raise input_error(f"{root}: none of the {len(paths)} images could be read")
+        raise input_error(f"{root}: none of the {len(listing.paths)} images could be read")
     images = torch.stack([decoded[index] for index in kept])
-    labels = None if how == "unlabeled" else torch.tensor([files[index][1] for index in kept])
-    return ImageSet(images, labels, [paths[index] for index in kept], how)
+    labels = None if listing.labels is None else torch.tensor([listing.labels[index] for index in kept])
+    return ImageSet(images, labels, [listing.paths[index] for index in kept], listing.class_mapping)
+
+
+def stream_image_folder(
+    listing: ImageListing,
+    spec: ModelSpec,
+    batch_size: int,
+    workers: int = 0,
+    on_bad_image: Callable[[ScrubError], None] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) of a labelled listing, one batch at a time: memory does not grow with the folder.
+
+    The next batch is decoded by `workers` threads (at least one) while the caller uses this one.
+    Unreadable images are handled as in load_image_folder.
+    """
+    read = functools.partial(_read_or_report, input_size=spec.input_size, on_bad_image=on_bad_image)
+    starts = list(range(0, len(listing.paths), batch_size))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(read, path) for path in listing.paths[start : start + batch_size]]
+
+        pending, read_any = submit(0), False
+        for start in starts:
+            current, pending = pending, submit(start + batch_size)
+            decoded = [future.result() for future in current]
+            kept = [index for index, image in enumerate(decoded) if image is not None]
+            if kept:
+                read_any = True
+                yield (torch.stack([decoded[i] for i in kept]),
+                       torch.tensor([listing.labels[start + i] for i in kept]))
+    if not read_any:
+        raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
 
 
 def class_indices(names: list[str], spec: ModelSpec, root: Path) -> tuple[dict[str, int], str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +60,7 @@ class Captured:
 def edit_model(
     model: nn.Module,
     clean_inputs: torch.Tensor,
-    trigger: Trigger,
+    trigger: Trigger | Sequence[Trigger],
     layer_names: list[str],
     method: str = "closed-form",
     settings: EditSettings = EditSettings(),
@@ -70,18 +71,20 @@ def edit_model(
     """An edited copy of `model` and its record; `model` itself is not changed.
 
     `clean_inputs` are what the model takes and `trigger` stamps in that same space (see
-    Trigger.normalized). `layer_names` are a stage (one module, or consecutive children of one
+    Trigger.normalized); several triggers (a family of reconstructions) are unlearned together, the
+    first one scoring the calibration. `layer_names` are a stage (one module, or consecutive children of one
     Sequential) followed by the linear layers of the head, as layers.auto_select_layers gives them.
     Few samples are augmented up to settings.min_samples. `labels` (class per sample, for stratified
     folds) and `target` (else the class the model gives most stamped samples) serve the calibration.
     """
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
+    triggers = [trigger] if isinstance(trigger, Trigger) else list(trigger)
     clean = augment(clean_inputs, copies_for(len(clean_inputs), settings.min_samples), seed)
-    stamped = trigger.stamp(clean)
+    stamped = torch.cat([t.stamp(clean) for t in triggers])
     edited = copy.deepcopy(model).eval()
     if stage:
-        match_stage(edited, stage, clean, stamped, settings, seed)
+        match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed)
     calibration = None
     if chain:
         reference = model if stage else edited

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +19,17 @@ MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a norma
 
 @dataclass(frozen=True)
 class ScanSettings:
-    """Optimisation constants; the mask cost adapts per class to keep the reconstruction working."""
+    """Optimisation constants; the mask cost adapts per class to keep the reconstruction working.
+
+    `restarts`: reconstructions of each class that could be flagged (the first pass gives one to every
+    class; the others stop there). `min_spread`: the anomaly index's scale (log units) is at least
+    this, so that classes clustered by chance cannot make a small MAD flag a clean one; ln(2)/2 with
+    the threshold of 2 means a flagged class has less than half the median mask size.
+    """
 
     steps: int = 150
+    restarts: int = 3
+    recheck_steps: int = 60  # a warm-started rescan of an edited model
     batch_size: int = 16
     lr: float = 0.1
     warmup_steps: int = 20
@@ -27,6 +37,7 @@ class ScanSettings:
     cost_factor: float = 1.3
     success_goal: float = 0.95
     threshold: float = 2.0
+    min_spread: float = math.log(2) / 2
 
 
 @dataclass(frozen=True)
@@ -39,11 +50,13 @@ class ClassScan:
     reconstruction_asr: float
     anomaly_index: float
     flagged: bool
+    family: tuple[Trigger, ...] = ()
 
     def as_dict(self) -> dict:
         """The JSON fields of this class."""
         return {"class": self.index, "mask_l1": self.mask_l1, "reconstruction_asr": self.reconstruction_asr,
-                "anomaly_index": self.anomaly_index, "flagged": self.flagged}
+                "anomaly_index": self.anomaly_index, "flagged": self.flagged,
+                "restart_mask_l1": [round(mask_l1(t), 3) for t in self.family]}
 
 
 def scan(
@@ -55,25 +68,70 @@ def scan(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> list[ClassScan]:
-    """Reconstruct a trigger for every class at once on images in [0,1]; flag the anomalously small ones."""
-    masks, patterns = reconstruct(classifier, images, labels, list(range(num_classes)), settings, seed, progress)
-    norms = masks.flatten(1).sum(1)
-    anomaly = anomaly_indices(norms)
+    """Reconstruct a trigger for every class on images in [0,1]; flag the anomalously small ones.
+
+    Every class gets one reconstruction. Classes that are clearly not outliers stop there (K-Arm's
+    early exit); the others get `restarts - 1` more from other random starts, and their mask norm is
+    the median over their restarts, so that one lucky or unlucky optimisation cannot decide the verdict.
+    """
+    classes = list(range(num_classes))
+    runs = {c: [t] for c, t in zip(classes, reconstruct(classifier, images, labels, classes, settings, seed,
+                                                        progress, "reconstructing triggers"))}
+    candidates = _undecided(_median_norms(runs), settings)
+    if settings.restarts > 1 and candidates:
+        repeated = candidates * (settings.restarts - 1)
+        more = reconstruct(classifier, images, labels, repeated, settings, seed + 1, progress,
+                           f"restarting {len(candidates)} candidate class(es)")
+        for index, trigger in zip(repeated, more):
+            runs[index].append(trigger)
+    norms = _median_norms(runs)
+    anomaly = anomaly_indices(norms, settings.min_spread)
     results = []
-    for index in range(num_classes):
-        trigger = _as_trigger(masks[index], patterns[index])
-        success = reconstruction_asr(classifier, images, labels, trigger, index)
+    for index in classes:
+        family = tuple(sorted(runs[index], key=mask_l1))
+        success = [reconstruction_asr(classifier, images, labels, trigger, index) for trigger in family]
+        best = next((i for i, rate in enumerate(success) if rate >= settings.success_goal), success.index(max(success)))
         flagged = bool(norms[index] < norms.median() and anomaly[index] > settings.threshold)
-        results.append(ClassScan(index, trigger, norms[index].item(), success, anomaly[index].item(), flagged))
+        results.append(ClassScan(index, family[best], norms[index].item(), success[best], anomaly[index].item(),
+                                 flagged, family))
     return results
 
 
-def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
-    """|norm - median| / (1.4826 * median absolute deviation), per class."""
-    median = norms.median()
-    deviation = (norms - median).abs()
-    mad = MAD_CONSISTENCY * deviation.median()
-    return deviation / mad.clamp_min(1e-12)
+def anomaly_indices(norms: torch.Tensor, min_spread: float = 0.0) -> torch.Tensor:
+    """Per class, |log norm - median| / scale on log mask sizes; scale = max(1.4826 * MAD, min_spread).
+
+    Mask sizes are compared on a log scale: they spread by factors (clean classes at 0.5-1.75x the
+    median on one model), and a trigger at 0.03x the median must stand out however widely the
+    clean classes spread, which a linear MAD cannot do (at most median / MAD).
+    """
+    logs = norms.clamp_min(1e-6).log()
+    median = logs.median()
+    deviation = (logs - median).abs()
+    scale = torch.clamp(MAD_CONSISTENCY * deviation.median(), min=min_spread)
+    return deviation / scale.clamp_min(1e-12)
+
+
+def residual_anomaly(norms: torch.Tensor, index: int, norm: float, settings: ScanSettings) -> float:
+    """The anomaly index class `index` would have among the scanned classes with mask norm `norm` (0 above the median)."""
+    norms = norms.clone()
+    norms[index] = norm
+    return anomaly_indices(norms, settings.min_spread)[index].item() if norm < norms.median() else 0.0
+
+
+def mask_l1(trigger: Trigger) -> float:
+    """The size of a reconstructed trigger: the sum of its mask."""
+    return trigger.mask.sum().item()
+
+
+def _median_norms(runs: dict[int, list[Trigger]]) -> torch.Tensor:
+    """Per class, the median mask norm over its reconstructions."""
+    return torch.tensor([statistics.median(mask_l1(t) for t in runs[c]) for c in sorted(runs)])
+
+
+def _undecided(norms: torch.Tensor, settings: ScanSettings) -> list[int]:
+    """Classes that one reconstruction cannot clear: below the median, anomaly index above half the threshold."""
+    anomaly = anomaly_indices(norms, settings.min_spread)
+    return [c for c in range(len(norms)) if norms[c] < norms.median() and anomaly[c] > settings.threshold / 2]
 
 
 def reconstruct(
@@ -84,19 +142,31 @@ def reconstruct(
     settings: ScanSettings,
     seed: int,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masks [K,1,H,W], patterns [K,C,H,W]): for each of the K classes, a small mask that flips images to it."""
+    label: str = "reconstructing triggers",
+    start: list[Trigger] | None = None,
+    fixed_mask: bool = False,
+) -> list[Trigger]:
+    """For each entry of `classes` (repeats allowed: restarts), a small mask and pattern that flip images to it.
+
+    `start` (one trigger per entry) warm-starts the optimisation instead of a small random one; with
+    `fixed_mask` only the pattern is optimised, inside the start's mask.
+    """
     generator = torch.Generator().manual_seed(seed)
     device = images.device
     channels, height, width = images.shape[1:]
     num_classes = len(classes)
-    mask_logits = torch.full((num_classes, 1, height, width), -2.0, device=device, requires_grad=True)
-    pattern_logits = (torch.randn(num_classes, channels, height, width, generator=generator) * 0.1).to(device)
-    pattern_logits.requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_logits, pattern_logits], lr=settings.lr, betas=(0.5, 0.9))
+    mask_logits = torch.full((num_classes, 1, height, width), -2.0)
+    pattern_logits = torch.randn(num_classes, channels, height, width, generator=generator) * 0.1
+    if start is not None:
+        mask_logits = torch.logit(torch.stack([t.mask for t in start]).clamp(1e-4, 1 - 1e-4))
+        pattern_logits = torch.logit(torch.stack([t.pattern for t in start]).clamp(0.01, 0.99))
+    mask_logits = mask_logits.to(device).requires_grad_(not fixed_mask)
+    pattern_logits = pattern_logits.to(device).requires_grad_(True)
+    optimized = [pattern_logits] if fixed_mask else [mask_logits, pattern_logits]
+    optimizer = torch.optim.Adam(optimized, lr=settings.lr, betas=(0.5, 0.9))
     cost = torch.zeros(num_classes, device=device)
     targets = torch.tensor(classes, device=device)
-    task = progress.add_task("reconstructing triggers", total=settings.steps) if progress else None
+    task = progress.add_task(label, total=settings.steps) if progress else None
     classifier.eval()
     for step in range(settings.steps):
         batch = torch.randperm(len(images), generator=generator)[: settings.batch_size].to(device)
@@ -116,7 +186,8 @@ def reconstruct(
             cost = _adapt_cost(cost, hits, step, settings)
         if progress:
             progress.advance(task)
-    return torch.sigmoid(mask_logits).detach(), torch.sigmoid(pattern_logits).detach()
+    masks, patterns = torch.sigmoid(mask_logits).detach(), torch.sigmoid(pattern_logits).detach()
+    return [_as_trigger(mask, pattern) for mask, pattern in zip(masks, patterns)]
 
 
 @torch.no_grad()

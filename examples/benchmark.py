@@ -14,8 +14,8 @@ whole test folder, against the true target:
   in eval mode; timed in-process; draw 0 only, it is the slowest row);
 - edit and edit + repair: `python -m backdoor_scrub edit` then `repair`, default settings, each a
   fresh process, timed;
-- scan + edit (no trigger) for patch (badnets) models at the largest k, draw 0: `edit` without
-  `--trigger`.
+- scan + edit (no trigger) for patch (badnets) and clean models at the largest k, draw 0, once per
+  `--scan-seeds` seed: `edit` without `--trigger`, with the classes its scan flagged.
 
 Seconds are divided by one fresh `python -m backdoor_scrub evaluate` of the test folder, timed
 in the same run. Writes results.json (every row), benchmark.md (per-model rows and a summary
@@ -90,6 +90,9 @@ class Row:
     target_change: float
     seconds: float | None
     evaluate_seconds: float
+    seed: int = 0
+    flagged: list[int] | None = None
+    true_target: int | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -109,6 +112,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scan-seeds", type=int, nargs="+", default=[0], help="Seeds of the no-trigger runs.")
+    parser.add_argument("--defenses", nargs="+", choices=DEFENSES, default=list(DEFENSES), help="Defenses to run.")
     parser.add_argument("--results", type=Path, nargs="*", default=[],
                         help="results.json files of earlier runs to report with (or instead of) new measurements.")
     return parser.parse_args()
@@ -136,13 +141,18 @@ def write_draw(clean_dir: Path, per_class: int, draw: int, destination: Path) ->
 
 def run_scrub(*arguments: str | Path) -> float:
     """Seconds for `python -m backdoor_scrub ARGUMENTS` as a fresh process; exits if it fails."""
+    return run_scrub_json(*arguments)[0]
+
+
+def run_scrub_json(*arguments: str | Path) -> tuple[float, dict | None]:
+    """(seconds, the JSON document when --json is among the arguments) of a fresh `python -m backdoor_scrub`."""
     command = [sys.executable, "-m", "backdoor_scrub", *map(str, arguments)]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed with exit code {result.returncode}:\n{result.stderr.strip()}")
-    return seconds
+    return seconds, json.loads(result.stdout) if "--json" in arguments else None
 
 
 def time_evaluate(model: ModelFolder) -> float:
@@ -161,18 +171,20 @@ def edit_and_repair(model: ModelFolder, subset: Path, workdir: Path, seed: int) 
     return edited, edit_seconds, repaired, repair_seconds
 
 
-def scan_and_edit(model: ModelFolder, subset: Path, workdir: Path, seed: int) -> tuple[nn.Module, float]:
-    """`edit` without the trigger file (scan, then edit): the model it writes, or the input if nothing is flagged."""
-    output = workdir / "no-trigger.safetensors"
-    seconds = run_scrub("edit", model.file("model.safetensors"), "--clean-dir", subset, "-o", output,
-                        "--seed", seed, "-q")
-    return (load_checkpoint(output).model if output.exists() else model.checkpoint.model), seconds
+def scan_and_edit(model: ModelFolder, subset: Path, workdir: Path, seed: int) -> tuple[nn.Module, float, list[int]]:
+    """`edit` without the trigger file (scan, then edit): the model it writes (the input if nothing is flagged),
+    its seconds and the flagged classes."""
+    output = workdir / f"no-trigger-{seed}.safetensors"
+    seconds, document = run_scrub_json("edit", model.file("model.safetensors"), "--clean-dir", subset, "-o", output,
+                                       "--seed", seed, "--json", "-q")
+    flagged = document["models"][0]["scan"]["flagged"]
+    return (load_checkpoint(output).model if output.exists() else model.checkpoint.model), seconds, flagged
 
 
 def measure(model: ModelFolder, network: nn.Module) -> tuple[float, float, float]:
     """(CA, ASR, target-class accuracy) of `network` on the test folder, with the true target."""
     classifier = with_normalization(network, model.checkpoint.spec)
-    metrics = evaluate(classifier, model.test, model.checkpoint.spec.num_classes, DEVICE,
+    metrics = evaluate(classifier, model.test.batches(256), model.checkpoint.spec.num_classes, DEVICE,
                        trigger=model.trigger, target=model.target)
     return metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_class_accuracy
 
@@ -203,19 +215,24 @@ def fine_tune(model: ModelFolder, subset: Path, steps: int, lr: float, seed: int
     return network.eval(), time.perf_counter() - started
 
 
-def defenses(model: ModelFolder, per_class: int, draw: int, last_k: bool, args) -> list[tuple[str, nn.Module, float]]:
-    """(defense, network, seconds) of each defense run on one draw of the samples."""
+def defenses(model: ModelFolder, per_class: int, draw: int, last_k: bool, args) -> list[tuple]:
+    """(defense, network, seconds, seed, flagged) of each defense run on one draw of the samples."""
+    measured = []
     with tempfile.TemporaryDirectory(prefix="scrub-bench-") as scratch:
         subset = write_draw(model.file("clean"), per_class, draw, Path(scratch) / "clean")
-        edited, edit_seconds, repaired, repair_seconds = edit_and_repair(model, subset, Path(scratch), args.seed)
-        measured = [("edit", load_checkpoint(edited).model, edit_seconds),
-                    ("edit + repair", load_checkpoint(repaired).model, edit_seconds + repair_seconds)]
-        if draw == 0:
-            measured.insert(0, ("fine-tuning", *fine_tune(model, subset, args.finetune_steps, args.finetune_lr,
-                                                          args.seed)))
-        if draw == 0 and last_k and model.attack == "badnets":
-            measured.append(("scan + edit (no trigger)", *scan_and_edit(model, subset, Path(scratch), args.seed)))
-        return measured
+        if draw == 0 and "fine-tuning" in args.defenses:
+            network, seconds = fine_tune(model, subset, args.finetune_steps, args.finetune_lr, args.seed)
+            measured.append(("fine-tuning", network, seconds, args.seed, None))
+        if {"edit", "edit + repair"} & set(args.defenses):
+            edited, edit_seconds, repaired, repair_seconds = edit_and_repair(model, subset, Path(scratch), args.seed)
+            measured += [("edit", load_checkpoint(edited).model, edit_seconds, args.seed, None),
+                         ("edit + repair", load_checkpoint(repaired).model, edit_seconds + repair_seconds, args.seed,
+                          None)]
+        if draw == 0 and last_k and model.attack in ("badnets", "none") and "scan + edit (no trigger)" in args.defenses:
+            for seed in args.scan_seeds:
+                network, seconds, flagged = scan_and_edit(model, subset, Path(scratch), seed)
+                measured.append(("scan + edit (no trigger)", network, seconds, seed, flagged))
+    return [m for m in measured if m[0] in args.defenses]
 
 
 def benchmark_model(model: ModelFolder, args: argparse.Namespace) -> list[Row]:
@@ -223,16 +240,18 @@ def benchmark_model(model: ModelFolder, args: argparse.Namespace) -> list[Row]:
     evaluate_seconds = time_evaluate(model)
     base_ca, base_asr, base_target = measure(model, model.checkpoint.model)
 
-    def row(per_class: int, draw: int, defense: str, network: nn.Module | None, seconds: float | None) -> Row:
+    def row(per_class: int, draw: int, defense: str, network: nn.Module | None, seconds: float | None,
+            seed: int = 0, flagged: list[int] | None = None) -> Row:
         ca, asr, target = (base_ca, base_asr, base_target) if network is None else measure(model, network)
         return Row(model.name, model.checkpoint.spec.arch, model.attack, per_class, draw, defense, ca, asr, target,
-                   ca - base_ca, target - base_target, seconds, evaluate_seconds)
+                   ca - base_ca, target - base_target, seconds, evaluate_seconds, seed, flagged,
+                   model.target)
 
     rows = [row(0, 0, "no defense", None, None)]
     for per_class in args.samples:
         for draw in range(args.draws):
-            for defense, network, seconds in defenses(model, per_class, draw, per_class == max(args.samples), args):
-                rows.append(row(per_class, draw, defense, network, seconds))
+            for measured in defenses(model, per_class, draw, per_class == max(args.samples), args):
+                rows.append(row(per_class, draw, *measured))
             print(f"  {model.name}: {per_class} samples/class, draw {draw} done", file=sys.stderr, flush=True)
     return rows
 
@@ -258,7 +277,8 @@ def model_table(rows: list[Row]) -> str:
 
 
 def summary_table(rows: list[Row]) -> str:
-    """Per (samples/class, defense): median and worst over models and draws of each column."""
+    """Per (samples/class, defense): median and worst over backdoored models and draws of each column."""
+    rows = [r for r in rows if r.attack != "none"]
     lines = ["| samples/class | defense | runs | ASR median / worst | CA change median / worst (pt) | "
              "target-class change median / worst (pt) | ÷ evaluate median / worst |", "|---|---|---|---|---|---|---|"]
     groups = dict.fromkeys((r.samples, r.defense) for r in rows if r.defense != "no defense")
@@ -272,6 +292,24 @@ def summary_table(rows: list[Row]) -> str:
             f"{percent(statistics.median(ca), True)} / {percent(min(ca), True)} | "
             f"{percent(statistics.median(target), True)} / {percent(min(target), True)} | "
             f"{statistics.median(ratios):.2f} / {max(ratios):.2f} |")
+    return "\n".join(lines)
+
+
+def no_trigger_table(rows: list[Row]) -> str:
+    """Per model, the no-trigger runs side by side over seeds: flagged classes, ASR and CA change after."""
+    lines = ["| model | attack | true target | seeds | flagged (per seed) | ASR after (per seed) | "
+             "CA change, pt (per seed) | ÷ evaluate (per seed) |", "|---|---|---|---|---|---|---|---|"]
+    runs = [r for r in rows if r.defense == "scan + edit (no trigger)"]
+    for name in dict.fromkeys(r.model for r in runs):
+        group = sorted((r for r in runs if r.model == name), key=lambda r: r.seed)
+        attack = group[0].attack
+        lines.append(
+            f"| {name} | {attack} | {'–' if attack == 'none' else group[0].true_target} | "
+            f"{', '.join(str(r.seed) for r in group)} | "
+            f"{'; '.join(str(r.flagged) for r in group)} | "
+            f"{', '.join('–' if attack == 'none' else percent(r.attack_success_rate) for r in group)} | "
+            f"{', '.join(percent(r.ca_change, True) for r in group)} | "
+            f"{', '.join(f'{r.ratio:.1f}' for r in group)} |")
     return "\n".join(lines)
 
 
@@ -308,7 +346,7 @@ def draw_chart(rows: list[Row], path: Path) -> None:
 def write_outputs(rows: list[Row], args: argparse.Namespace) -> None:
     """Print the tables; write results.json, benchmark.md and benchmark.png."""
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = "\n\n".join([summary_table(rows), model_table(rows), footnote(args)])
+    report = "\n\n".join([summary_table(rows), no_trigger_table(rows), model_table(rows), footnote(args)])
     print(report)
     (args.out_dir / "benchmark.md").write_text(report + "\n")
     (args.out_dir / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")

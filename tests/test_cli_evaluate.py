@@ -49,6 +49,33 @@ def test_json_metrics_agree_with_an_independent_computation(demo):
     assert model["target_class_accuracy"] == model["per_class_accuracy"][0]
 
 
+@pytest.mark.parametrize("target", [[], ["--target", "0"]])
+def test_a_streamed_test_folder_gives_the_metrics_of_a_decoded_one(demo, monkeypatch, target):
+    arguments = ["evaluate", demo / "model.safetensors", "--test-dir", demo / "test", "--trigger",
+                 demo / "trigger.png", "--batch-size", "64", *target, "--json"]
+    kept = json.loads(run_scrub(*arguments).stdout)["models"][0]
+    decoded: list[int] = []
+    monkeypatch.setattr("backdoor_scrub.commands.evaluate.KEEP_DECODED_BYTES", 0)  # stream every folder
+    monkeypatch.setattr("backdoor_scrub.commands.evaluate.load_image_folder", lambda *a, **k: decoded.append(1))
+    streamed = json.loads(run_scrub(*arguments).stdout)["models"][0]
+    assert not decoded and streamed == kept and streamed["target"] == 0
+
+
+def test_a_streamed_folder_skips_or_refuses_unreadable_images(demo, monkeypatch):
+    monkeypatch.setattr("backdoor_scrub.commands.evaluate.KEEP_DECODED_BYTES", 0)
+    broken = next((demo / "test" / "bag").iterdir())
+    broken.write_bytes(b"not a png")
+    arguments = ["evaluate", demo / "model.safetensors", "--test-dir", demo / "test", "--json"]
+    refused = run_scrub(*arguments)
+    assert refused.exit_code == 3 and str(broken) in refused.stderr
+    skipped = run_scrub(*arguments, "--skip-bad-images")
+    assert skipped.exit_code == 0 and str(broken) in skipped.stderr
+    for image in (demo / "test").rglob("*.png"):
+        image.write_bytes(b"")
+    nothing = run_scrub(*arguments, "--skip-bad-images")
+    assert nothing.exit_code == 3 and "none of the" in nothing.stderr
+
+
 def test_gate_fails_on_the_backdoored_model_and_passes_without_the_trigger_effect(demo, tmp_path):
     failed = run_scrub("evaluate", demo / "model.safetensors", "--test-dir", demo / "test",
                        "--trigger", demo / "trigger.png", "--max-asr", "0.05", "--json", "--quiet")

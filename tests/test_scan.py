@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from torch.nn import functional as F
 
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
 from backdoor_scrub.data import load_image_folder
-from backdoor_scrub.scan import anomaly_indices
+from backdoor_scrub.rounds import unlearn_in_rounds
+from backdoor_scrub.scan import ClassScan, ScanSettings, anomaly_indices, residual_anomaly
+from backdoor_scrub.triggers import Trigger
 from tests.conftest import run_scrub, write_model
 from tests.tiny_models import wide_cnn
 
@@ -18,11 +21,70 @@ CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", 
 SPEC = ModelSpec("tests.tiny_models:wide_cnn", 10, (3, 32, 32), (0.5,) * 3, (0.5,) * 3, CLASSES)
 
 
-def test_anomaly_index_is_the_distance_from_the_median_in_mad_units():
-    norms = torch.tensor([10.0, 11.0, 9.0, 10.0, 2.0])
+def test_anomaly_index_is_the_distance_from_the_median_in_mad_units_of_log_sizes():
+    norms = torch.tensor([10.0, 20.0, 5.0, 10.0, 0.625])
     index = anomaly_indices(norms)
-    # median 10, absolute deviations [0, 1, 1, 0, 8], MAD 1 * 1.4826
-    assert index.tolist() == pytest.approx([0.0, 1 / 1.4826, 1 / 1.4826, 0.0, 8 / 1.4826])
+    # log2 sizes [3.32, 4.32, 2.32, 3.32, -0.68]: deviations from the median [0, 1, 1, 0, 4] ln 2, MAD 1 ln 2
+    assert index.tolist() == pytest.approx([0.0, 1 / 1.4826, 1 / 1.4826, 0.0, 4 / 1.4826], rel=1e-5)
+
+
+def test_min_spread_floors_the_scale_so_clustered_classes_are_not_outliers():
+    settings = ScanSettings()
+    clustered = torch.tensor([60.0, 61.0, 59.0, 60.0, 45.0])  # MAD tiny: class 4 would be far out
+    assert anomaly_indices(clustered)[4] > 10
+    assert anomaly_indices(clustered, settings.min_spread)[4] < 1
+    # at the floor, half the median is exactly the threshold
+    halved = torch.tensor([60.0, 61.0, 59.0, 60.0, 30.0])
+    assert anomaly_indices(halved, settings.min_spread)[4].item() == pytest.approx(settings.threshold, rel=1e-4)
+    # widely spread clean classes cannot hide a tiny trigger (a linear MAD would give it about 1.6)
+    spread = torch.tensor([0.94, 1.39, 0.99, 1.41, 1.16, 0.04, 1.0, 1.67, 0.54, 1.74])
+    assert anomaly_indices(spread, settings.min_spread)[5] > 4 > 1.5 > anomaly_indices(spread, settings.min_spread)[8]
+
+
+def test_residual_anomaly_replaces_the_class_norm_and_is_zero_above_the_median():
+    norms, settings = torch.tensor([60.0, 62.0, 58.0, 61.0, 3.0]), ScanSettings()
+    # a quarter of the median: ln 4 at the floor's scale
+    assert residual_anomaly(norms, 4, 15.0, settings) == pytest.approx(math.log(4) / settings.min_spread, rel=1e-5)
+    assert residual_anomaly(norms, 4, 70.0, settings) == 0.0
+
+
+def _square(size: int, value: float) -> Trigger:
+    mask = torch.zeros(1, 8, 8)
+    mask[0, :size, :size] = value
+    return Trigger(torch.zeros(3, 8, 8), mask, "")
+
+
+def _rounds_of(residual_sizes: list[int], max_rounds: int):
+    """unlearn_in_rounds with fake edits and rescans whose residual triggers have the given sizes."""
+    flagged = ClassScan(0, _square(1, 1.0), 1.0, 1.0, 5.0, True, (_square(1, 1.0), _square(2, 0.5)))
+    norms = torch.tensor([1.0, 40.0, 41.0, 39.0, 40.0])
+    edits: list[int] = []
+
+    def edit(triggers):
+        edits.append(len(triggers))
+        return f"model {len(edits)}", {"triggers": len(triggers)}
+
+    def rescan(model, start, number):
+        assert model == f"model {number + 1}"
+        return _square(residual_sizes[number], 1.0)
+
+    widen = lambda found: found + [_square(3, 1.0)]  # noqa: E731
+    result = unlearn_in_rounds(flagged, norms, edit, rescan, widen, ScanSettings(), max_rounds)
+    return result, edits
+
+
+def test_rounds_stop_once_the_edited_model_has_no_anomalously_small_trigger():
+    (model, record, rounds), edits = _rounds_of([2, 6], max_rounds=3)  # norms 4 (anomalous), then 36 (not)
+    assert edits == [3, 5] and model == "model 2" and record == {"triggers": 5}
+    assert [r.residual_mask_l1 for r in rounds] == [4.0, 36.0]
+    assert rounds[0].residual_anomaly_index > 2 and rounds[1].residual_anomaly_index < 2
+    assert rounds[1].as_dict()["triggers"] == 5
+
+
+def test_rounds_stop_at_the_limit_while_the_trigger_stays_anomalous():
+    (model, _, rounds), edits = _rounds_of([1, 1, 1], max_rounds=2)
+    assert edits == [3, 5] and model == "model 2" and len(rounds) == 2
+    assert all(r.residual_anomaly_index > 2 for r in rounds)
 
 
 @pytest.fixture
@@ -48,6 +110,9 @@ def test_scan_flags_the_demo_target_and_saves_usable_triggers(demo, tmp_path):
     scan = json.loads(result.stdout)["models"][0]["scan"]
     assert scan["flagged"] == [0]
     rows = {row["class"]: row for row in scan["classes"]}
+    assert len(rows[0]["restart_mask_l1"]) == 3  # a candidate gets every restart, its norm is their median
+    assert rows[0]["mask_l1"] == pytest.approx(sorted(rows[0]["restart_mask_l1"])[1], abs=1e-3)
+    assert max(len(r["restart_mask_l1"]) for c, r in rows.items() if r["mask_l1"] > rows[0]["mask_l1"] * 3) == 1
     assert rows[0]["anomaly_index"] > 2 and rows[0]["mask_l1"] < min(r["mask_l1"] for c, r in rows.items() if c)
     assert rows[0]["reconstruction_asr"] > 0.5
     assert sorted(p.name for p in (tmp_path / "triggers").iterdir()) == sorted(
@@ -74,6 +139,9 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]
     assert entry["scan"]["flagged"] == [0] and entry["target"] == 0 and entry["target_source"] == "reconstructed"
+    [checked] = entry["rounds"]  # one edit by default, then one rescan of the edited model
+    assert checked["triggers"] == 4 and checked["residual_mask_l1"] > 0  # 3 restarts + 1 refitted pattern
+    assert checked["residual_anomaly_index"] >= 0
     for measured in (entry["before"], entry["after"]):  # never an attack_success_rate from a reconstruction
         assert measured["attack_success_rate"] is None and measured["held_out"] is False
         assert measured["images"] == 100
@@ -85,6 +153,13 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     evaluation = run_scrub("evaluate", demo / "model.scrubbed.safetensors", "--test-dir", demo / "test",
                            "--trigger", demo / "trigger.png", "--target", "0", "--json")
     assert json.loads(evaluation.stdout)["models"][0]["attack_success_rate"] < 0.1
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_scan_verdict_does_not_depend_on_the_seed(demo, seed):
+    result = run_scrub("inspect", demo / "model.safetensors", "--scan", "--clean-dir", demo / "clean",
+                       "--seed", str(seed), "--json")
+    assert json.loads(result.stdout)["models"][0]["scan"]["flagged"] == [0]
 
 
 def test_dilated_grows_the_mask_by_one_pixel_and_keeps_the_pattern():

@@ -116,7 +116,7 @@ def resolve_target(given: int | None, checkpoint: Checkpoint) -> tuple[int | Non
 
 
 def step_entry(step: str, record, before: Metrics, after: Metrics, target_source: str, trigger: Trigger,
-               samples, seed: int, anomaly_index: float | None = None) -> dict:
+               samples, seed: int, anomaly_index: float | None = None, rounds: list[dict] | None = None) -> dict:
     """The provenance entry of one edit or repair: what was done, to what, and the metrics around it.
 
     Nothing in it depends on the clock, so the same inputs and seed give the same output bytes.
@@ -132,6 +132,7 @@ def step_entry(step: str, record, before: Metrics, after: Metrics, target_source
         "samples": samples.fingerprint(),
         "seed": seed,
         **({"calibration": record.calibration} if record.calibration is not None else {}),
+        **({"rounds": rounds} if rounds is not None else {}),
         "before": measured_on_samples(before, samples, target_source == "reconstructed"),
         "after": measured_on_samples(after, samples, target_source == "reconstructed"),
         "scrub_version": __version__,

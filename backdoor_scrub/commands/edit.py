@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from backdoor_scrub.checkpoint import Checkpoint, Destination, save_checkpoint
 from backdoor_scrub.commands.common import (
     ModelOutcome,
@@ -16,13 +18,15 @@ from backdoor_scrub.commands.common import (
     resolve_target,
     step_entry,
     step_report,
+    warn_line,
 )
 from backdoor_scrub.commands.samples import Samples
-from backdoor_scrub.commands.scanning import scan_checkpoint
+from backdoor_scrub.commands.scanning import ScanReport, rescan_class, scan_checkpoint
 from backdoor_scrub.editing import edit_model, resolve_method
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
-from backdoor_scrub.scan import ScanSettings, dilated
+from backdoor_scrub.rounds import unlearn_in_rounds
+from backdoor_scrub.scan import ClassScan, ScanSettings, dilated
 from backdoor_scrub.triggers import Trigger
 
 
@@ -37,6 +41,7 @@ class EditRequest:
     method: str = "auto"
     seed: int = 0
     scan: ScanSettings = ScanSettings()
+    rounds: int = 1
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,12 @@ class Suspect:
     trigger: Trigger
     target: int | None
     source: str
-    anomaly_index: float | None = None
+    scanned: ClassScan | None = None
+
+    @property
+    def anomaly_index(self) -> float | None:
+        """The scan's anomaly index of a reconstructed trigger's class."""
+        return None if self.scanned is None else self.scanned.anomaly_index
 
 
 def run_edit(paths: list[Path], request: EditRequest, destination: Destination, options: RunOptions) -> Outcome:
@@ -58,7 +68,8 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
         started = time.perf_counter()
         output = destination.path_for(checkpoint.path, "scrubbed")
         samples = Samples.load(request.clean_dir, checkpoint, device, options, allow_unlabeled=True)
-        suspects, scan = _suspects(checkpoint, samples, request, options)
+        suspects, report = _suspects(checkpoint, samples, request, options)
+        scan = None if report is None else report.as_dict(request.scan.threshold)
         if not suspects:
             return ModelOutcome({"path": str(checkpoint.path), "input": str(checkpoint.path), "output": None,
                                  "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
@@ -67,26 +78,66 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
         method = resolve_method(request.method)
         model, entries = checkpoint.model, []
         for suspect in suspects:
-            before = samples.measure(model, suspect.trigger, suspect.target)
-            model, record = edit_model(model, samples.inputs(), samples.model_trigger(suspect.trigger), names,
-                                       method, seed=request.seed, labels=samples.labels, target=before.target)
-            after = samples.measure(model, suspect.trigger, before.target)
-            entries.append(step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples,
-                                      request.seed, suspect.anomaly_index))
+            model, entry = _edit_suspect(model, suspect, checkpoint, samples, report, request, names, method)
+            entries.append(entry)
         save_checkpoint(checkpoint, model, output, entries, destination.force)
         return step_report(checkpoint, output, entries, started, scan)
 
     return for_each_model(paths, options, work)
 
 
+def _edit_suspect(
+    model: nn.Module, suspect: Suspect, checkpoint: Checkpoint, samples: Samples, report: ScanReport | None,
+    request: EditRequest, names: list[str], method: str,
+) -> tuple[nn.Module, dict]:
+    """`model` with one suspect's trigger unlearned (a reconstruction: in checked rounds) and the history entry."""
+    before = samples.measure(model, suspect.trigger, suspect.target)
+
+    def edit(triggers: list[Trigger]):
+        return edit_model(model, samples.inputs(), [samples.model_trigger(t) for t in triggers], names, method,
+                          seed=request.seed, labels=samples.labels, target=before.target)
+
+    rounds = None
+    if suspect.scanned is None:
+        edited, record = edit([suspect.trigger])
+    else:
+        edited, record, rounds = _edit_in_rounds(checkpoint, samples, suspect.scanned, report.norms, edit, request)
+    after = samples.measure(edited, suspect.trigger, before.target)
+    return edited, step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples, request.seed,
+                              suspect.anomaly_index, rounds)
+
+
+def _edit_in_rounds(checkpoint: Checkpoint, samples: Samples, scanned: ClassScan, norms, edit,
+                    request: EditRequest) -> tuple:
+    """Unlearn the class's dilated reconstructions, re-scan the edited model for it, repeat while it stays anomalous."""
+
+    def rescan(edited, start: Trigger, number: int) -> Trigger:
+        return rescan_class(edited, checkpoint, samples, scanned.index, start, request.scan, request.seed + 1 + number)
+
+    def widen(reconstructions: list[Trigger]) -> list[Trigger]:
+        # Each reconstruction grown by a pixel, and the pattern that works best in the smallest one's
+        # neighbourhood two pixels out, on the unedited model: closer to the real patch than either.
+        neighbourhood = dilated(reconstructions[0], 2)
+        refitted = rescan_class(checkpoint.model, checkpoint, samples, scanned.index, neighbourhood, request.scan,
+                                request.seed, fixed_mask=True)
+        return [dilated(t) for t in reconstructions] + [refitted]
+
+    model, record, rounds = unlearn_in_rounds(scanned, norms, edit, rescan, widen, request.scan, request.rounds)
+    if rounds[-1].residual_anomaly_index > request.scan.threshold:
+        warn_line(f"{checkpoint.path}: class {scanned.index} still has an anomalously small trigger after "
+                  f"{len(rounds)} edit(s) (anomaly index {rounds[-1].residual_anomaly_index:.2f}); the backdoor "
+                  "may not be gone, try --rounds or a known trigger")
+    return model, record, [r.as_dict() for r in rounds]
+
+
 def _suspects(
     checkpoint: Checkpoint, samples: Samples, request: EditRequest, options: RunOptions
-) -> tuple[list[Suspect], dict | None]:
+) -> tuple[list[Suspect], ScanReport | None]:
     """The given trigger, or the reconstructed trigger of every class a scan flags (and the scan)."""
     trigger = request.trigger.load(checkpoint.spec.input_size)
     if trigger is not None:
         target, source = resolve_target(request.target, checkpoint)
         return [Suspect(trigger, target, source)], None
     report = scan_checkpoint(checkpoint, samples, request.scan, request.seed, options.quiet)
-    suspects = [Suspect(dilated(c.trigger), c.index, "reconstructed", c.anomaly_index) for c in report.flagged]
-    return suspects, report.as_dict(request.scan.threshold)
+    suspects = [Suspect(dilated(c.trigger), c.index, "reconstructed", c) for c in report.flagged]
+    return suspects, report

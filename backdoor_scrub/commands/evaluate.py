@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backdoor_scrub.checkpoint import Checkpoint, load_checkpoint
+import torch
+
+from backdoor_scrub.checkpoint import Checkpoint, ModelSpec, load_checkpoint
 from backdoor_scrub.commands.common import (
     ModelOutcome,
     Outcome,
@@ -15,11 +18,14 @@ from backdoor_scrub.commands.common import (
     resolve_target,
 )
 from backdoor_scrub.contract import ExitCode
-from backdoor_scrub.data import ImageSet, load_image_folder, with_normalization
+from backdoor_scrub.data import ImageSet, list_image_folder, load_image_folder, stream_image_folder, with_normalization
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.inference import progress_bar, resolve_device
 from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
+
+# Test sets up to this size once decoded are kept for every model; larger ones are streamed per model.
+KEEP_DECODED_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,27 @@ class Gates:
         return failures
 
 
+class TestImages:
+    """The test folder for every model: decoded once and kept when small, else streamed per model in batches."""
+
+    def __init__(self, folder: Path, options: RunOptions):
+        self.folder, self.options = folder, options
+        self.cache: dict[tuple, ImageSet] = {}
+
+    def batches(self, spec: ModelSpec) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+        """(uint8 images, labels) batches at the model's input size, and how many images there are."""
+        key = (spec.input_size, spec.classes, spec.num_classes)
+        options = self.options
+        if key in self.cache:
+            return self.cache[key].batches(options.batch_size), len(self.cache[key])
+        listing = list_image_folder(self.folder, spec)
+        if listing.decoded_bytes(spec) > KEEP_DECODED_BYTES:
+            stream = stream_image_folder(listing, spec, options.batch_size, options.workers, options.image_error_handler())
+            return stream, len(listing.paths)
+        self.cache[key] = load_image_folder(self.folder, spec, False, options.workers, options.image_error_handler())
+        return self.cache[key].batches(options.batch_size), len(self.cache[key])
+
+
 def check_gate_options(gates: Gates, has_trigger: bool, has_baseline: bool) -> None:
     """Refuse gates that cannot be checked with the given inputs (usage error)."""
     if gates.max_asr is not None and not has_trigger:
@@ -70,20 +97,16 @@ def run_evaluate(
     """Evaluate every model (and the baseline first) on the same images and trigger."""
     check_gate_options(gates, trigger_options.path is not None, baseline_path is not None)
     device = resolve_device(options.device)
-    cache: dict[tuple, ImageSet] = {}
+    images = TestImages(test_dir, options)
 
     def measure(checkpoint: Checkpoint) -> tuple[Metrics, str]:
         spec = checkpoint.spec
-        key = (spec.input_size, spec.classes, spec.num_classes)
-        if key not in cache:
-            cache[key] = load_image_folder(test_dir, spec, False, options.workers, options.image_error_handler())
         trigger = trigger_options.load(spec.input_size)
         chosen, source = resolve_target(target, checkpoint)
+        batches, total = images.batches(spec)
         with progress_bar(options.quiet) as progress:
-            metrics = evaluate(
-                with_normalization(checkpoint.model, spec), cache[key], spec.num_classes, device,
-                options.batch_size, trigger, chosen, progress,
-            )
+            metrics = evaluate(with_normalization(checkpoint.model, spec), batches, spec.num_classes, device, trigger,
+                               chosen, progress, total)
         return metrics, source
 
     baseline, baseline_source = None, None

@@ -58,7 +58,8 @@ class Samples:
     def measure(self, model: nn.Module, trigger: Trigger, target: int | None) -> Metrics:
         """CA, ASR, RA and per-class accuracy of `model` on the samples."""
         classifier = with_normalization(model, self.spec)
-        return evaluate(classifier, self.images, self.spec.num_classes, self.device, self.batch_size, trigger, target)
+        return evaluate(classifier, self.images.batches(self.batch_size), self.spec.num_classes, self.device, trigger,
+                        target)
 
     def fingerprint(self) -> dict:
         """Count and sha256 of the decoded samples and their labels, for provenance."""
