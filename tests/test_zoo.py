@@ -98,14 +98,17 @@ def assert_loads_with_finite_logits(path, side: int, changed_from: torch.nn.Modu
 def test_a_timm_hub_folder_edits_and_evaluates_without_arch(tmp_path, one_thread):
     timm = pytest.importorskip("timm")
     import safetensors.torch
-    from timm.models._hub import save_config_for_hf
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     folder = tmp_path / "hub_model"
     folder.mkdir()
-    # What timm's save_for_hf writes (without needing huggingface_hub): its config and the weights.
-    save_config_for_hf(model, folder / "config.json", model_config={"label_names": [f"c{i}" for i in range(10)]})
+    # What timm's save_for_hf writes for a hub: the weights, and a config with the model's pretrained_cfg.
+    config = {"architecture": "resnet18", "num_classes": 10, "num_features": model.num_features,
+              "global_pool": "avg", "label_names": [f"c{i}" for i in range(10)],
+              "pretrained_cfg": {k: v for k, v in model.pretrained_cfg.items() if k in ("input_size", "mean", "std",
+                                                                                      "crop_pct", "interpolation")}}
+    (folder / "config.json").write_text(json.dumps(config))
     safetensors.torch.save_file(model.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
     generator = torch.Generator().manual_seed(0)
     images = write_images(tmp_path / "samples", {f"c{c}": [torch.randint(0, 256, (3, 48, 48), generator=generator,
