@@ -11,16 +11,7 @@ from torch import nn
 
 from backdoor_scrub.calibration import choose_edit, cross_validate
 from backdoor_scrub.head import Head, find_head
-from backdoor_scrub.linear_edit import (
-    LowRankUpdate,
-    apply_update,
-    as_columns,
-    as_keys,
-    linear_edit_update,
-    linear_weight,
-    scaled_weights,
-    set_linear_weight,
-)
+from backdoor_scrub.linear_edit import LowRankUpdate, add_update_, as_columns, as_keys, residual_update, scaled_weights
 
 
 @dataclass(frozen=True)
@@ -37,38 +28,61 @@ class ChainProblem:
 
     Index 0..n-1 of `clean` and `stamped` are the user's samples; later rows are their augmented copies
     (row i is a copy of sample i % n). While candidates are tried, each layer's edit is applied by a
-    forward hook from its factors, so a 25,088-input layer is never rewritten per candidate.
+    forward hook from its factors, so a 25,088-input layer is never rewritten per candidate. The first
+    layer's inputs and own outputs are computed once; when the chain's layers are children of one Sequential head,
+    `segments[p]` runs what lies after layer p (up to the next), so no fit or score re-runs the layers before.
     """
 
     head: Head
     layers: list[nn.Module]
-    weights: list[torch.Tensor]
     clean: torch.Tensor
     stamped: torch.Tensor
+    first_inputs: tuple[torch.Tensor, torch.Tensor]
+    first_outputs: tuple[torch.Tensor, torch.Tensor]
     values: list[torch.Tensor]
     samples: int
+    segments: list[nn.Module] | None
     updates: list[LowRankUpdate] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
 
+    @torch.no_grad()
     def fit(self, rows: torch.Tensor, strength: Strength) -> None:
         """Edit every layer in turn on the given rows: stamped keys -> clean values, clean outputs kept."""
         self.clear()
+        inputs = (self.first_inputs[0][rows], self.first_inputs[1][rows])
+        outputs = (self.first_outputs[0][rows], self.first_outputs[1][rows])
         for position, layer in enumerate(self.layers):
-            with_bias = layer.bias is not None
-            keys_t = as_keys(layer_activations(self.head, layer, self.stamped[rows], inputs=True), with_bias)
-            keys_c = as_keys(layer_activations(self.head, layer, self.clean[rows], inputs=True), with_bias)
-            lam, mu = scaled_weights(keys_t, keys_c, strength.lam, strength.mu)
-            values = as_columns(self.values[position][rows])
-            update = linear_edit_update(self.weights[position], keys_t, values, keys_c, lam, mu, values)
+            if position:
+                outputs = (layer(inputs[0]), layer(inputs[1]))  # its own outputs: its hook is not set yet
+            update = self._solve(position, layer, inputs, outputs, rows, strength)
             self.updates.append(update)
             self._hooks.append(layer.register_forward_hook(partial(_add_update, update=update)))
+            if position + 1 < len(self.layers):
+                edited = tuple(_add_update(layer, (x,), y, update) for x, y in zip(inputs, outputs))
+                inputs = self._inputs(position + 1, rows, edited)
+
+    def _inputs(self, position: int, rows: torch.Tensor, previous: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, stamped) inputs of layer `position`, from the previous layer's edited outputs when possible."""
+        if self.segments is not None:
+            return tuple(self.segments[position - 1](y) for y in previous)
+        layer = self.layers[position]
+        return tuple(layer_activations(self.head, layer, f[rows], inputs=True) for f in (self.clean, self.stamped))
+
+    def _solve(self, position, layer, inputs, outputs, rows, strength) -> LowRankUpdate:
+        """The layer's update: residuals are the clean values minus the layer's own outputs."""
+        with_bias = layer.bias is not None
+        keys_c, keys_t = as_keys(inputs[0], with_bias), as_keys(inputs[1], with_bias)
+        lam, mu = scaled_weights(keys_t, keys_c, strength.lam, strength.mu)
+        values = as_columns(self.values[position][rows]).double()
+        residual_c, residual_t = (values - as_columns(y).double() for y in outputs)
+        return residual_update(keys_t, residual_t, keys_c, residual_c, lam, mu)
 
     def commit(self) -> None:
         """Write the current edit into the layers' weights and drop the hooks."""
         updates = list(self.updates)
         self.clear()
-        for layer, weight, update in zip(self.layers, self.weights, updates):
-            set_linear_weight(layer, apply_update(weight, update))
+        for layer, update in zip(self.layers, updates):
+            add_update_(layer, update)
 
     def clear(self) -> None:
         """Back to the unedited layers."""
@@ -77,9 +91,24 @@ class ChainProblem:
         self._hooks.clear()
         self.updates.clear()
 
+    @torch.no_grad()
     def logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clean, stamped) logits of the given rows with the current edit."""
-        return self.head.logits(self.clean[rows]), self.head.logits(self.stamped[rows])
+        """(clean, stamped) logits of the given rows with the current edit, in one pass.
+
+        With segments, the pass starts from the first layer's cached outputs: the largest layer of a
+        VGG head (a 400 MB weight) is not read again for each candidate.
+        """
+        if self.segments is None:
+            logits = self.head.logits(torch.cat([self.clean[rows], self.stamped[rows]]))
+        else:
+            inputs = torch.cat([self.first_inputs[0][rows], self.first_inputs[1][rows]])
+            outputs = torch.cat([self.first_outputs[0][rows], self.first_outputs[1][rows]])
+            if self.updates:
+                outputs = _add_update(self.layers[0], (inputs,), outputs, self.updates[0])
+            for layer, segment in zip(self.layers[1:], self.segments):
+                outputs = layer(segment(outputs))
+            logits = self.segments[-1](outputs).flatten(1)
+        return logits[: len(rows)], logits[len(rows) :]
 
 
 def _add_update(layer: nn.Module, args: tuple, output: torch.Tensor, update: LowRankUpdate) -> torch.Tensor:
@@ -116,8 +145,32 @@ def chain_problem(
     ref_layers = [reference.get_submodule(name) for name in chain]
     values = [layer_activations(ref_head, layer, ref_clean, inputs=False) for layer in ref_layers]
     before = (ref_head.logits(ref_clean[:samples]), ref_head.logits(ref_stamped[:samples]))
-    weights = [linear_weight(layer).double() for layer in layers]  # float64 once, not per candidate
-    return ChainProblem(head, layers, weights, features_clean, features_stamped, values, samples), before
+    first_inputs = tuple(layer_activations(head, layers[0], f, inputs=True) for f in (features_clean, features_stamped))
+    first_outputs = tuple(_run(layers[0], x, batch_size) for x in first_inputs)
+    problem = ChainProblem(head, layers, features_clean, features_stamped, first_inputs, first_outputs, values,
+                           samples, _segments(head, layers))
+    return problem, before
+
+
+@torch.no_grad()
+def _run(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The module's outputs on `inputs`, a batch at a time."""
+    return torch.cat([module(batch) for batch in inputs.split(batch_size)])
+
+
+def _segments(head: Head, layers: list[nn.Module]) -> list[nn.Module] | None:
+    """What runs after each chain layer up to the next one (after the last: up to the logits).
+
+    Only when the chain's layers are children of one Sequential head, in order; else None.
+    """
+    children = list(head.module.children()) if isinstance(head.module, nn.Sequential) else []
+    ids = [id(child) for child in children]
+    if head.first is None or any(id(layer) not in ids for layer in layers):
+        return None
+    positions = [ids.index(id(layer)) for layer in layers]
+    if positions != sorted(positions) or positions[0] != 0:
+        return None
+    return [nn.Sequential(*children[start + 1 : stop]) for start, stop in zip(positions, [*positions[1:], None])]
 
 
 def _repeat(rows: torch.Tensor, copies: int) -> torch.Tensor:

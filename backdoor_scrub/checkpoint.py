@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +24,12 @@ from backdoor_scrub.contract import (
     KEY_VERSION,
 )
 from backdoor_scrub.errors import input_error, usage_error
-from backdoor_scrub.safetensors_io import read_safetensors, write_safetensors
+from backdoor_scrub.safetensors_io import SafetensorsReader, open_safetensors, write_safetensors
 from backdoor_scrub.timm_models import build_timm_model, check_timm_arch, hub_folder, is_hub_folder, is_timm_arch
+from backdoor_scrub.user_code import OBJECT_NAME, import_object
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 MAX_SIDE, MAX_CLASSES = 4096, 1_000_000
-CUSTOM_ARCH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 @dataclass(frozen=True)
@@ -87,16 +84,16 @@ def load_checkpoint(path: Path, overrides: SpecOverrides = SpecOverrides()) -> C
     config.json): the config fills in the metadata the file does not have.
     """
     weights, folder_metadata = hub_folder(path) if is_hub_folder(path) else (path, {})
-    tensors, file_metadata, digest = read_safetensors(weights)
-    metadata = {**folder_metadata, **file_metadata}
-    spec = resolve_spec(path, metadata, overrides)
-    state = _strip_prefixes(tensors)
-    _check_finite(path, state)
-    model = build_model(spec)
-    _load_strict(path, spec, model, state)
-    model.eval()
-    dtypes = {name: tensor.dtype for name, tensor in state.items()}
-    return Checkpoint(path, spec, model, dict(metadata), digest, dtypes)
+    with open_safetensors(weights) as file:
+        metadata = {**folder_metadata, **file.metadata}
+        spec = resolve_spec(path, metadata, overrides)
+        stored = _strip_prefixes(file.names())
+        model = build_model(spec)
+        _check_names_and_shapes(path, spec, model, {name: file.shape(source) for name, source in stored.items()})
+        _fill(path, model, file, stored)
+        digest = file.sha256()
+    dtypes = {name: file.dtype(source) for name, source in stored.items()}
+    return Checkpoint(path, spec, model.eval(), dict(metadata), digest, dtypes)
 
 
 def save_checkpoint(
@@ -156,11 +153,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if is_timm_arch(spec.arch):
         return build_timm_model(spec.arch, spec.num_classes)
     if ":" in spec.arch:
-        module_name, factory_name = spec.arch.split(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as exc:
-            raise usage_error(f"--arch {spec.arch}: cannot import ({exc})") from exc
+        factory, _ = import_object(spec.arch, "--arch")
         return factory(num_classes=spec.num_classes)
     return torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
 
@@ -170,9 +163,9 @@ def _parse_arch(path: Path, value: str, from_command_line: bool) -> str:
         return value
     if is_timm_arch(value):
         return check_timm_arch(path, value)
-    if CUSTOM_ARCH.match(value) and from_command_line:
+    if OBJECT_NAME.match(value) and from_command_line:
         return value
-    if CUSTOM_ARCH.match(value):
+    if OBJECT_NAME.match(value):
         raise input_error(
             f"{path}: metadata arch {value!r} is a custom factory; these are only imported when "
             f"given on the command line (--arch {value})"
@@ -233,29 +226,26 @@ def _parse_classes(path: Path, value: str | None, num_classes: int) -> tuple[str
     return tuple(classes)
 
 
-def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(names: list[str]) -> dict[str, str]:
+    """Model state names (wrapper prefixes such as `module.` removed) -> the names stored in the file."""
+
     def strip(name: str) -> str:
         while name.startswith(STRIPPED_PREFIXES):
             name = name.split(".", 1)[1]
         return name
 
-    return {strip(name): tensor for name, tensor in tensors.items()}
+    return {strip(name): name for name in names}
 
 
-def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
-    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise input_error(f"{path}: NaN or Inf weights in {', '.join(broken[:3])}")
-
-
-def _load_strict(path: Path, spec: ModelSpec, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _check_names_and_shapes(path: Path, spec: ModelSpec, model: nn.Module, shapes: dict[str, torch.Size]) -> None:
+    """Refuse weights whose names or shapes differ from the architecture's, naming the first few."""
     expected = model.state_dict()
-    missing = [name for name in expected if name not in state]
-    unexpected = sorted(name for name in state if name not in expected)
+    missing = [name for name in expected if name not in shapes]
+    unexpected = sorted(name for name in shapes if name not in expected)
     mismatched = [
-        f"{name} {list(state[name].shape)} vs {list(tensor.shape)}"
+        f"{name} {list(shapes[name])} vs {list(tensor.shape)}"
         for name, tensor in expected.items()
-        if name in state and state[name].shape != tensor.shape
+        if name in shapes and shapes[name] != tensor.shape
     ]
     problems = [
         f"{label} {_first(names)}"
@@ -267,11 +257,28 @@ def _load_strict(path: Path, spec: ModelSpec, model: nn.Module, state: dict[str,
             f"{path}: weights do not match arch {spec.arch} with {spec.num_classes} classes: "
             + "; ".join(problems)
         )
-    # The module versions of the architecture's own state dict: a plain dict has none, and some
-    # modules (MNASNet) refuse to load without them.
-    versioned = OrderedDict(state)
-    versioned._metadata = getattr(expected, "_metadata", None)
-    model.load_state_dict(versioned, strict=True)
+
+
+@torch.no_grad()
+def _fill(path: Path, model: nn.Module, file: SafetensorsReader, stored: dict[str, str]) -> None:
+    """Read every tensor straight into the model's own parameters and buffers; refuse NaN or Inf weights.
+
+    The model's state dict shares memory with its parameters, so no second copy of the weights is
+    made. The names and shapes match exactly (checked before), so this is what a strict
+    load_state_dict of the same-version architecture does.
+    """
+    broken = []
+    for name, target in model.state_dict().items():
+        file.read_into(stored[name], target)
+        if target.is_floating_point() and not _all_finite(target):
+            broken.append(name)
+    if broken:
+        raise input_error(f"{path}: NaN or Inf weights in {', '.join(broken[:3])}")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or Inf, checked a chunk at a time (isfinite of a whole 400 MB tensor made 700 MB of temporaries)."""
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
 
 
 def _first(names: list[str], shown: int = 3) -> str:

@@ -68,7 +68,9 @@ def run_options(command):
     """Device, batching, output and batch-run options shared by every subcommand."""
     options = [
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+                     help="Images per forward pass at most; fewer for large inputs (2M input values a batch: "
+                          "13 at 224 px), so memory stays bounded."),
         click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
                      help="Threads decoding images (0 = in the main thread)."),
         click.option("--json", "as_json", is_flag=True, help="stdout holds one JSON document; tables go to stderr."),
@@ -81,7 +83,7 @@ def run_options(command):
 
 
 def trigger_options(command):
-    """--trigger PNG with its opacity and placement."""
+    """--trigger PNG with its opacity and placement, or --trigger-fn."""
     options = [
         click.option("--trigger", type=click.Path(dir_okay=False, path_type=Path),
                      help="Trigger PNG: RGBA (alpha = mask) or RGB with --trigger-alpha."),
@@ -89,6 +91,14 @@ def trigger_options(command):
                      help="Opacity of an RGB trigger (0.2 = blend 20%)."),
         click.option("--trigger-pos", default="br", show_default=True,
                      help=f"Where a trigger smaller than the input goes: {', '.join(TRIGGER_POSITIONS)} or X,Y."),
+        click.option("--trigger-fn", metavar="PKG.MODULE:FUNCTION",
+                     help="A trigger that is not a stamp (a warp, a sample-specific pattern): a Python function "
+                          "mapping a float batch [N,C,H,W] in [0,1] to its triggered batch. Imported only from "
+                          "this option; its name and its module's sha256 are recorded."),
+        click.option("--triggered-dir", type=click.Path(path_type=Path),
+                     help="Triggered copies of the images of --clean-dir (edit, repair) or --test-dir (evaluate), "
+                          "matched by relative path: same class folder, same file name. For triggers scrub cannot "
+                          "apply itself (a warp, a photographed sticker)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -103,10 +113,18 @@ def _run_options(params: dict):
                       params["quiet"], params.pop("keep_going"), params.pop("skip_bad_images"))
 
 
+TRIGGER_SOURCES = {"trigger": "--trigger", "trigger_fn": "--trigger-fn", "triggered_dir": "--triggered-dir"}
+
+
 def _trigger_options(params: dict):
     from backdoor_scrub.commands.common import TriggerOptions
+    from backdoor_scrub.errors import usage_error
 
-    return TriggerOptions(params.pop("trigger"), params.pop("trigger_alpha"), params.pop("trigger_pos"))
+    given = [flag for name, flag in TRIGGER_SOURCES.items() if params.get(name) is not None]
+    if len(given) > 1:
+        raise usage_error(f"use one of {', '.join(TRIGGER_SOURCES.values())}, not {' and '.join(given)}")
+    return TriggerOptions(params.pop("trigger"), params.pop("trigger_alpha"), params.pop("trigger_pos"),
+                          params.pop("trigger_fn"), params.pop("triggered_dir"))
 
 
 @click.group(name="scrub", cls=ScrubGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

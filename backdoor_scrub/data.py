@@ -19,21 +19,30 @@ from backdoor_scrub.errors import ScrubError, input_error
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # uint8 images, labels, their triggered twins
+
+
 @dataclass
 class ImageSet:
-    """Images as uint8 [N,C,H,W] at the model's input size, with labels when the folder has them."""
+    """Images as uint8 [N,C,H,W] at the model's input size, with labels when the folder has them.
+
+    `triggered` holds the triggered copy of each image (from --triggered-dir), in the same order.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor | None
     paths: list[Path]
     class_mapping: str
+    triggered: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 images, labels) in order, `batch_size` at a time."""
-        yield from zip(self.images.split(batch_size), self.labels.split(batch_size))
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """(uint8 images, labels, triggered twins or None) in order, `batch_size` at a time."""
+        for start in range(0, len(self.paths), batch_size):
+            rows = slice(start, start + batch_size)
+            yield self.images[rows], self.labels[rows], None if self.triggered is None else self.triggered[rows]
 
 
 @dataclass(frozen=True)
@@ -44,11 +53,34 @@ class ImageListing:
     paths: list[Path]
     labels: list[int] | None
     class_mapping: str
+    twins: list[Path] | None = None
 
     def decoded_bytes(self, spec: ModelSpec) -> int:
         """What all the images would take in memory once decoded at the model's input size."""
         channels, height, width = spec.input_size
-        return len(self.paths) * channels * height * width
+        return len(self.paths) * channels * height * width * (1 if self.twins is None else 2)
+
+    def paired_with(self, triggered_root: Path, on_bad_image: Callable[[ScrubError], None] | None) -> ImageListing:
+        """The listing with each image's triggered twin: the file at the same relative path under `triggered_root`.
+
+        Images without a twin are an input error naming them (the first 20), or, when
+        `on_bad_image` is given, reported to it one by one and left out.
+        """
+        if not triggered_root.is_dir():
+            raise input_error(f"{triggered_root}: not a folder")
+        twins = [triggered_root / path.relative_to(self.root) for path in self.paths]
+        missing = [index for index, twin in enumerate(twins) if not twin.is_file()]
+        if missing and on_bad_image is None:
+            names = ", ".join(str(twins[index]) for index in missing[:20])
+            more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            raise input_error(f"{triggered_root}: no triggered copy for {len(missing)} image(s): {names}{more}")
+        for index in missing:
+            on_bad_image(input_error(f"{twins[index]}: missing (the triggered copy of {self.paths[index]})"))
+        kept = sorted(set(range(len(self.paths))) - set(missing))
+        if not kept:
+            raise input_error(f"{triggered_root}: none of the {len(self.paths)} images has a triggered copy")
+        labels = None if self.labels is None else [self.labels[index] for index in kept]
+        return ImageListing(self.root, [self.paths[i] for i in kept], labels, self.class_mapping, [twins[i] for i in kept])
 
 
 class Normalize(nn.Module):
@@ -97,24 +129,33 @@ def load_image_folder(
     workers: int = 0,
     on_bad_image: Callable[[ScrubError], None] | None = None,
 ) -> ImageSet:
-    """Decode every image of a folder (see list_image_folder) into one tensor.
+    """Decode every image of a folder (see list_image_folder and decode_listing) into one tensor."""
+    return decode_listing(list_image_folder(root, spec, allow_unlabeled), spec, workers, on_bad_image)
+
+
+def decode_listing(
+    listing: ImageListing,
+    spec: ModelSpec,
+    workers: int = 0,
+    on_bad_image: Callable[[ScrubError], None] | None = None,
+) -> ImageSet:
+    """Decode every image of a listing into one tensor.
 
     With `workers` > 0 the images are decoded by that many threads. An unreadable image is an
     input error, or, when `on_bad_image` is given, reported to it and left out.
     """
-    listing = list_image_folder(root, spec, allow_unlabeled)
-    read = functools.partial(_read_or_report, input_size=spec.input_size, on_bad_image=on_bad_image)
+    read = functools.partial(_read_or_report, listing=listing, input_size=spec.input_size, on_bad_image=on_bad_image)
     if workers > 0:
         with ThreadPoolExecutor(workers) as pool:
-            decoded = list(pool.map(read, listing.paths))
+            decoded = list(pool.map(read, range(len(listing.paths))))
     else:
-        decoded = [read(path) for path in listing.paths]
-    kept = [index for index, image in enumerate(decoded) if image is not None]
+        decoded = [read(index) for index in range(len(listing.paths))]
+    kept = [index for index, pair in enumerate(decoded) if pair is not None]
     if not kept:
-        raise input_error(f"{root}: none of the {len(listing.paths)} images could be read")
-    images = torch.stack([decoded[index] for index in kept])
+        raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
+    images, triggered = _stack([decoded[index] for index in kept])
     labels = None if listing.labels is None else torch.tensor([listing.labels[index] for index in kept])
-    return ImageSet(images, labels, [listing.paths[index] for index in kept], listing.class_mapping)
+    return ImageSet(images, labels, [listing.paths[index] for index in kept], listing.class_mapping, triggered)
 
 
 def stream_image_folder(
@@ -123,28 +164,28 @@ def stream_image_folder(
     batch_size: int,
     workers: int = 0,
     on_bad_image: Callable[[ScrubError], None] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) of a labelled listing, one batch at a time: memory does not grow with the folder.
+) -> Iterator[Batch]:
+    """(uint8 images, labels, twins) of a labelled listing, one batch at a time: memory does not grow with the folder.
 
     The next batch is decoded by `workers` threads (at least one) while the caller uses this one.
     Unreadable images are handled as in load_image_folder.
     """
-    read = functools.partial(_read_or_report, input_size=spec.input_size, on_bad_image=on_bad_image)
+    read = functools.partial(_read_or_report, listing=listing, input_size=spec.input_size, on_bad_image=on_bad_image)
     starts = list(range(0, len(listing.paths), batch_size))
     with ThreadPoolExecutor(max(1, workers)) as pool:
 
         def submit(start: int) -> list[Future]:
-            return [pool.submit(read, path) for path in listing.paths[start : start + batch_size]]
+            return [pool.submit(read, index) for index in range(start, min(start + batch_size, len(listing.paths)))]
 
         pending, read_any = submit(0), False
         for start in starts:
             current, pending = pending, submit(start + batch_size)
             decoded = [future.result() for future in current]
-            kept = [index for index, image in enumerate(decoded) if image is not None]
+            kept = [index for index, pair in enumerate(decoded) if pair is not None]
             if kept:
                 read_any = True
-                yield (torch.stack([decoded[i] for i in kept]),
-                       torch.tensor([listing.labels[start + i] for i in kept]))
+                images, triggered = _stack([decoded[i] for i in kept])
+                yield images, torch.tensor([listing.labels[start + i] for i in kept]), triggered
     if not read_any:
         raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
 
@@ -180,15 +221,39 @@ def read_image(path: Path, input_size: tuple[int, int, int]) -> torch.Tensor:
 
 
 def _read_or_report(
-    path: Path, input_size: tuple[int, int, int], on_bad_image: Callable[[ScrubError], None] | None
-) -> torch.Tensor | None:
+    index: int, listing: ImageListing, input_size: tuple[int, int, int],
+    on_bad_image: Callable[[ScrubError], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(image, its triggered twin or None) of one listing entry; None when unreadable and reported."""
+    path = listing.paths[index]
     try:
-        return read_image(path, input_size)
+        if listing.twins is None:
+            return read_image(path, input_size), None
+        twin = listing.twins[index]
+        if image_size(twin) != image_size(path):
+            raise input_error(f"{twin}: {'x'.join(map(str, image_size(twin)))}, but {path} is "
+                              f"{'x'.join(map(str, image_size(path)))} (a triggered copy keeps the image's size)")
+        return read_image(path, input_size), read_image(twin, input_size)
     except ScrubError as error:
         if on_bad_image is None:
             raise
         on_bad_image(error)
         return None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Width and height from the image's header (no decoding)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise input_error(f"{path}: not a readable image ({exc})") from exc
+
+
+def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images and twins of decoded pairs as two batches (twins None when there are none)."""
+    images = torch.stack([image for image, _ in pairs])
+    return images, None if pairs[0][1] is None else torch.stack([twin for _, twin in pairs])
 
 
 def _image_files(folder: Path) -> list[Path]:

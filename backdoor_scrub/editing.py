@@ -14,8 +14,9 @@ from torch.nn import functional as F
 
 from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, strength_grid
 from backdoor_scrub.errors import usage_error
+from backdoor_scrub.inference import batch_for
 from backdoor_scrub.layers import is_linear_map
-from backdoor_scrub.triggers import Trigger
+from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
 METHODS = ("closed-form", "activation-match")
 
@@ -60,7 +61,7 @@ class Captured:
 def edit_model(
     model: nn.Module,
     clean_inputs: torch.Tensor,
-    trigger: Trigger | Sequence[Trigger],
+    trigger: Stamp | TriggeredCopies | Sequence[Stamp | TriggeredCopies],
     layer_names: list[str],
     method: str = "closed-form",
     settings: EditSettings = EditSettings(),
@@ -71,7 +72,7 @@ def edit_model(
     """An edited copy of `model` and its record; `model` itself is not changed.
 
     `clean_inputs` are what the model takes and `trigger` stamps in that same space (see
-    Trigger.normalized); several triggers (a family of reconstructions) are unlearned together, the
+    Stamp.normalized); several triggers (a family of reconstructions) are unlearned together, the
     first one scoring the calibration. `layer_names` are a stage (one module, or consecutive children of one
     Sequential) followed by the linear layers of the head, as layers.auto_select_layers gives them.
     Few samples are augmented up to settings.min_samples. `labels` (class per sample, for stratified
@@ -79,16 +80,17 @@ def edit_model(
     """
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
-    triggers = [trigger] if isinstance(trigger, Trigger) else list(trigger)
+    triggers = list(trigger) if isinstance(trigger, Sequence) else [trigger]
     clean = augment(clean_inputs, copies_for(len(clean_inputs), settings.min_samples), seed)
-    stamped = torch.cat([t.stamp(clean) for t in triggers])
-    edited = copy.deepcopy(model).eval()
+    stamped = torch.cat([triggered_twins(t, clean_inputs, clean, seed) for t in triggers])
+    edited = copy_for_edit(model, stage + chain)
+    batch_size = batch_for(settings.batch_size, clean_inputs.shape[1:])
     if stage:
-        match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed)
+        match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size)
     calibration = None
     if chain:
         reference = model if stage else edited
-        problem, before = chain_problem(reference, edited, chain, clean, stamped, len(clean_inputs), settings.batch_size)
+        problem, before = chain_problem(reference, edited, chain, clean, stamped, len(clean_inputs), batch_size)
         strength = Strength(settings.lam, settings.mu)
         if settings.calibrate and len(clean_inputs) >= 2:
             labels = before[0].argmax(1) if labels is None else labels.to(before[0].device)
@@ -98,6 +100,22 @@ def edit_model(
         problem.fit(torch.arange(len(clean)), strength)
         problem.commit()
     return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3), calibration)
+
+
+def copy_for_edit(model: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of `model` in eval mode in which the named modules own fresh weights; all else shares `model`'s.
+
+    Editing the copy's named modules leaves `model` as it was, and a 500 MB VGG is not held twice
+    for an edit of its last layers.
+    """
+    editable = {id(t) for name in names for t in _tensors(model.get_submodule(name))}
+    shared = {id(t): t for t in _tensors(model) if id(t) not in editable}
+    return copy.deepcopy(model, shared).eval()
+
+
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers."""
+    return [*module.parameters(), *module.buffers()]
 
 
 def resolve_method(method: str) -> str:
@@ -131,14 +149,25 @@ def match_stage(
     stamped_inputs: torch.Tensor,
     settings: EditSettings,
     seed: int,
+    batch_size: int,
 ) -> None:
-    """Activation-match the stage of `edited` in place, on its inputs cached from one pass."""
+    """Activation-match the stage of `edited` in place, on its inputs cached from one pass of `batch_size` images."""
     first, last = stage[0], stage[-1]
-    clean = capture(edited, [first, last], clean_inputs, settings.batch_size)
-    stamped = capture(edited, [first], stamped_inputs, settings.batch_size)
+    clean = capture(edited, [first, last], clean_inputs, batch_size)
+    stamped = capture(edited, [first], stamped_inputs, batch_size)
     activation_match(
         unit_of(edited, stage), clean[first].inputs, stamped[first].inputs, clean[last].outputs, settings, seed
     )
+
+
+def triggered_twins(trigger: Stamp | TriggeredCopies, inputs: torch.Tensor, augmented: torch.Tensor,
+                    seed: int) -> torch.Tensor:
+    """The triggered twin of every augmented sample: the stamp applied after the shift, or the given
+    triggered copies shifted and mirrored with their images (augment with the same seed draws the same).
+    """
+    if isinstance(trigger, TriggeredCopies):
+        return augment(trigger.images, len(augmented) // len(inputs), seed)
+    return trigger.stamp(augmented)
 
 
 def copies_for(count: int, min_samples: int) -> int:

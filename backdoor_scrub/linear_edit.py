@@ -16,9 +16,10 @@ class LowRankUpdate:
     left: torch.Tensor  # [out, r]
     right: torch.Tensor | None  # [r, in]; None: `left` is D itself
 
-    def dense(self) -> torch.Tensor:
-        """D as an [out, in] float64 matrix."""
-        return self.left if self.right is None else self.left @ self.right
+    def dense(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """D (or its output rows start:stop) as a float64 matrix."""
+        left = self.left[start:stop]
+        return left if self.right is None else left @ self.right
 
     def apply(self, keys: torch.Tensor) -> torch.Tensor:
         """D @ keys for key rows [N, in] -> [N, out] in float64, without forming D.
@@ -61,15 +62,29 @@ def linear_edit_update(
 ) -> LowRankUpdate:
     """The change D = W' - W of closed_form_linear_edit, factored when there are fewer columns than inputs."""
     # Shapes: weight [out, in]; keys [in, n], one column per sample or position; values [out, n].
-    # With K = [Kt, sqrt(lam) Kc] and residuals R = [V - W Kt, sqrt(lam) (Vc - W Kc)] the edit is
-    # D = R K^T (K K^T + mu I)^-1, solved in float64.
-    kt, kc = keys_triggered.detach().double(), keys_clean.detach().double()
     w = weight.detach().double()
+    kt, kc = keys_triggered.detach().double(), keys_clean.detach().double()
     vc = w @ kc if values_clean is None else values_clean.detach().double()
-    keys, residuals = kt, values.detach().double() - w @ kt
-    if lam > 0 and kc.shape[1]:
-        keys = torch.cat([kt, math.sqrt(lam) * kc], 1)
-        residuals = torch.cat([residuals, math.sqrt(lam) * (vc - w @ kc)], 1)
+    return residual_update(kt, values.detach().double() - w @ kt, kc, vc - w @ kc, lam, mu)
+
+
+def residual_update(
+    keys_triggered: torch.Tensor,
+    residual_triggered: torch.Tensor,
+    keys_clean: torch.Tensor,
+    residual_clean: torch.Tensor,
+    lam: float,
+    mu: float,
+) -> LowRankUpdate:
+    """argmin_D |D Kt - Rt|^2 + lam |D Kc - Rc|^2 + mu |D|^2, in float64; R are the values minus W K.
+
+    Callers that already hold W K (a layer's own output) pass the residuals and never touch W.
+    """
+    # With K = [Kt, sqrt(lam) Kc] and R = [Rt, sqrt(lam) Rc] the edit is D = R K^T (K K^T + mu I)^-1.
+    keys, residuals = keys_triggered.double(), residual_triggered.double()
+    if lam > 0 and keys_clean.shape[1]:
+        keys = torch.cat([keys, math.sqrt(lam) * keys_clean.double()], 1)
+        residuals = torch.cat([residuals, math.sqrt(lam) * residual_clean.double()], 1)
     return ridge_update(residuals, keys, mu)
 
 
@@ -95,6 +110,19 @@ def scaled_weights(
     n_t, n_c = keys_triggered.shape[1], keys_clean.shape[1]
     key_energy = keys_clean.double().pow(2).sum(0).mean().item()
     return lam * n_t / n_c, mu * n_t * key_energy
+
+
+@torch.no_grad()
+def add_update_(layer: nn.Module, update: LowRankUpdate, block: int = 64) -> None:
+    """W += D in the layer itself, D formed in float64 a block of output rows at a time (no full copy of W)."""
+    weight = layer.weight.view(layer.weight.shape[0], -1)
+    columns = weight.shape[1]
+    for start in range(0, weight.shape[0], block):
+        rows = slice(start, start + block)
+        change = update.dense(start, start + block)
+        weight[rows] = (weight[rows].double() + change[:, :columns]).to(weight.dtype)
+        if layer.bias is not None:
+            layer.bias[rows] = (layer.bias[rows].double() + change[:, columns]).to(layer.bias.dtype)
 
 
 def linear_weight(layer: nn.Module) -> torch.Tensor:

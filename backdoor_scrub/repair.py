@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -11,12 +10,13 @@ from torch import nn
 
 from backdoor_scrub.calibration import choose_repair, cross_validate, score_held_out
 from backdoor_scrub.chain_edit import layer_activations
-from backdoor_scrub.editing import EditRecord, augment, copies_for
+from backdoor_scrub.editing import EditRecord, augment, copies_for, copy_for_edit, triggered_twins
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.head import find_head
+from backdoor_scrub.inference import batch_for
 from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.linear_edit import as_columns, as_keys, closed_form_linear_edit, linear_weight, set_linear_weight
-from backdoor_scrub.triggers import Trigger
+from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
 METHOD = "margin-restoring closed form"
 NO_TARGET_SAMPLE = "none (no sample of the target class: the weights are left as the edit wrote them)"
@@ -70,7 +70,7 @@ def repair_model(
     model: nn.Module,
     inputs: torch.Tensor,
     labels: torch.Tensor,
-    trigger: Trigger,
+    trigger: Stamp | TriggeredCopies,
     head: str,
     settings: RepairSettings = RepairSettings(),
     seed: int = 0,
@@ -87,14 +87,14 @@ def repair_model(
     started = time.perf_counter()
     if not is_linear_map(model.get_submodule(head)):
         raise usage_error(f"repair edits a Linear or 1x1 Conv2d head; {head} is neither")
-    repaired = copy.deepcopy(model).eval()
+    repaired = copy_for_edit(model, [head])
     if target is not None and not bool((labels == target).any()):
         return repaired, EditRecord(NO_TARGET_SAMPLE, [head], round(time.perf_counter() - started, 3))
     copies = copies_for(len(inputs), settings.min_samples)
     clean = augment(inputs, copies, seed)
-    stamped = trigger.stamp(clean)
+    stamped = triggered_twins(trigger, inputs, clean, seed)
     tail = find_head(repaired, head, clean[:2])
-    features = tail.features(repaired, torch.cat([clean, stamped]), settings.batch_size)
+    features = tail.features(repaired, torch.cat([clean, stamped]), batch_for(settings.batch_size, inputs.shape[1:]))
     layer = repaired.get_submodule(head)
     keys = as_keys(layer_activations(tail, layer, features, inputs=True), layer.bias is not None)
     outputs = layer_activations(tail, layer, features, inputs=False)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO
 
-import safetensors.torch
 import torch
 
 from backdoor_scrub.errors import input_error
@@ -35,26 +36,80 @@ CONVERT_HINT = (
 )
 
 
-class SafetensorsFile(NamedTuple):
-    """The contents of a safetensors file and the sha256 of its bytes."""
+class SafetensorsReader:
+    """An open safetensors file with a checked header; each tensor is read on demand, straight into its memory.
 
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-    sha256: str
+    Nothing holds the file whole: loading a 500 MB VGG checkpoint into its model needs no second copy.
+    """
+
+    def __init__(self, path: Path, handle: BinaryIO):
+        self.path, self._handle = path, handle
+        size = os.fstat(handle.fileno()).st_size
+        header, self._data_start = _parse_header(path, handle, size)
+        metadata = header.pop("__metadata__", None) or {}
+        _check_metadata(path, metadata)
+        _check_tensor_entries(path, header, size - self._data_start)
+        self.metadata: dict[str, str] = metadata
+        self._entries: dict[str, dict] = header
+
+    def names(self) -> list[str]:
+        """Tensor names, in header order."""
+        return list(self._entries)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of one tensor."""
+        return DTYPES[self._entries[name]["dtype"]]
+
+    def shape(self, name: str) -> torch.Size:
+        """The stored shape of one tensor."""
+        return torch.Size(self._entries[name]["shape"])
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in fresh memory."""
+        tensor = torch.empty(self.shape(name), dtype=self.dtype(name))
+        self._read_bytes(name, tensor)
+        return tensor
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """Fill `target` (same shape) with one tensor, converted to target's dtype when the file's differs."""
+        if target.dtype == self.dtype(name) and target.is_contiguous() and target.device.type == "cpu":
+            self._read_bytes(name, target)
+        else:
+            target.copy_(self.read(name))
+
+    def sha256(self) -> str:
+        """The sha256 of the whole file, read in chunks."""
+        digest = hashlib.sha256()
+        self._handle.seek(0)
+        for chunk in iter(lambda: self._handle.read(1 << 20), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
+
+    def _read_bytes(self, name: str, tensor: torch.Tensor) -> None:
+        if not tensor.numel():
+            return
+        self._handle.seek(self._data_start + self._entries[name]["data_offsets"][0])
+        if self._handle.readinto(memoryview(_byte_view(tensor))) != tensor.numel() * tensor.element_size():
+            raise input_error(f"{self.path}: the file ended inside a tensor (truncated?)")
 
 
-def read_safetensors(path: Path) -> SafetensorsFile:
-    """Read tensors and string metadata after checking the header against the file size."""
-    raw = _read_bytes(path)
-    header, data_start = _parse_header(path, raw)
-    metadata = header.pop("__metadata__", None) or {}
-    _check_metadata(path, metadata)
-    _check_tensor_entries(path, header, len(raw) - data_start)
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[SafetensorsReader]:
+    """The checked file, open for reading; folders and pickles (by suffix or magic bytes) are refused."""
+    if path.is_dir():
+        raise input_error(f"{path}: is a folder, expected a .safetensors file")
     try:
-        tensors = safetensors.torch.load(raw)
-    except Exception as exc:  # the library's own checks, after ours
-        raise input_error(f"{path}: not a valid safetensors file ({exc})") from exc
-    return SafetensorsFile(tensors, metadata, hashlib.sha256(raw).hexdigest())
+        handle = path.open("rb")
+    except OSError as exc:
+        raise input_error(f"{path}: cannot read ({exc.strerror})") from exc
+    with handle:
+        if path.suffix.lower() in PICKLE_SUFFIXES or handle.read(8).startswith(PICKLE_MAGICS):
+            raise input_error(f"{path}: pickle checkpoints are refused (they can run code); {CONVERT_HINT}")
+        handle.seek(0)
+        try:
+            yield SafetensorsReader(path, handle)
+        except OSError as exc:
+            raise input_error(f"{path}: cannot read ({exc.strerror})") from exc
 
 
 def write_safetensors(
@@ -66,11 +121,10 @@ def write_safetensors(
     clobbers) or renamed to `path`: `path` never holds a partial file. The temporary file is removed
     on any exception; only a process killed outright can leave a hidden `.NAME.*.tmp` behind.
     """
-    payload = serialize(tensors, metadata)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            serialize(tensors, metadata, handle)
             handle.flush()
             os.fsync(handle.fileno())
         if overwrite:
@@ -82,45 +136,41 @@ def write_safetensors(
             os.unlink(temp_name)
 
 
-def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors bytes of `tensors`, keys and metadata sorted so output is reproducible."""
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], stream: BinaryIO) -> None:
+    """Write the safetensors bytes of `tensors` to `stream`, keys and metadata sorted so output is reproducible.
+
+    Tensor bytes are written from the tensors' own memory, one after the other, without a copy.
+    """
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks, offset = [], 0
+    ordered, offset = [], 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        header[name] = {
-            "dtype": DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        ordered.append(tensor)
+        offset += size
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    return struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(chunks)
+    stream.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+    for tensor in ordered:
+        if tensor.numel():
+            stream.write(memoryview(_byte_view(tensor)))
 
 
-def _read_bytes(path: Path) -> bytes:
-    if path.is_dir():
-        raise input_error(f"{path}: is a folder, expected a .safetensors file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise input_error(f"{path}: cannot read ({exc.strerror})") from exc
-    if path.suffix.lower() in PICKLE_SUFFIXES or raw.startswith(PICKLE_MAGICS):
-        raise input_error(f"{path}: pickle checkpoints are refused (they can run code); {CONVERT_HINT}")
-    return raw
+def _byte_view(tensor: torch.Tensor):
+    """A contiguous tensor's memory as a uint8 numpy array (no copy; bfloat16 included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def _parse_header(path: Path, raw: bytes) -> tuple[dict, int]:
-    if len(raw) < 8:
-        raise input_error(f"{path}: not a safetensors file ({len(raw)} bytes, too short)")
-    (header_size,) = struct.unpack("<Q", raw[:8])
-    if header_size > min(MAX_HEADER_BYTES, len(raw) - 8):
+def _parse_header(path: Path, handle: BinaryIO, size: int) -> tuple[dict, int]:
+    if size < 8:
+        raise input_error(f"{path}: not a safetensors file ({size} bytes, too short)")
+    (header_size,) = struct.unpack("<Q", handle.read(8))
+    if header_size > min(MAX_HEADER_BYTES, size - 8):
         raise input_error(f"{path}: not a safetensors file (header size {header_size} exceeds the file)")
     try:
-        header = json.loads(raw[8 : 8 + header_size])
+        header = json.loads(handle.read(header_size))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise input_error(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):

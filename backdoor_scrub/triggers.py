@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
 
 from backdoor_scrub.contract import TRIGGER_POSITIONS
 from backdoor_scrub.errors import input_error, usage_error
+
+
+class Stamp(Protocol):
+    """What the edit, the repair and the metrics need of any trigger (a stamp, or a --trigger-fn function)."""
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """The triggered batch of float images [N,C,H,W]."""
+
+    def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Stamp:
+        """The same trigger for inputs normalized with (x - mean) / std."""
+
+    def provenance(self) -> dict:
+        """What the history and JSON record of the trigger."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,10 @@ class Trigger:
         """The same trigger for normalized inputs: stamping commutes with (x - mean) / std."""
         pattern = (self.pattern - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
         return Trigger(pattern, self.mask, self.sha256)
+
+    def provenance(self) -> dict:
+        """What the history and JSON record of it: the sha256 of its source and the placed trigger as a PNG."""
+        return {"sha256": self.sha256, "png_base64": base64.b64encode(self.to_png()).decode()}
 
     def to_png(self) -> bytes:
         """The placed trigger as a full-size RGBA PNG (alpha = mask), loadable with load_trigger."""
@@ -100,3 +119,26 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     channels = len(image.getbands())
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().div(255)
     return pixels.view(image.height, image.width, channels).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class TriggeredCopies:
+    """Triggered copies of the samples themselves (--triggered-dir): row i is sample i with the trigger.
+
+    Unlike a stamp it cannot be re-applied to other images: augmented copies of the samples are
+    made of each pair together (editing.triggered_twins).
+    """
+
+    images: torch.Tensor
+    folder: str
+    sha256: str
+
+    def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> TriggeredCopies:
+        """The copies normalized with (x - mean) / std."""
+        shape = (1, -1, 1, 1)
+        mean_t, std_t = torch.tensor(mean).view(shape).to(self.images), torch.tensor(std).view(shape).to(self.images)
+        return TriggeredCopies((self.images - mean_t) / std_t, self.folder, self.sha256)
+
+    def provenance(self) -> dict:
+        """What the history and JSON record: the folder and the sha256 of the decoded copies."""
+        return {"triggered_dir": self.folder, "sha256": self.sha256}

@@ -17,7 +17,7 @@ from pathlib import Path
 R18 = ("--arch", "resnet18", "--epochs", "2", "--train-subset", "15000")
 MNV3 = ("--arch", "mobilenet_v3_small", "--epochs", "3", "--train-subset", "15000")
 SHUFFLE = ("--arch", "shufflenet_v2_x1_0", "--epochs", "3", "--train-subset", "15000")
-VGG = ("--arch", "vgg11_bn", "--epochs", "2", "--train-subset", "16000", "--batch-size", "64")
+VGG = ("--arch", "vgg11_bn", "--epochs", "4", "--lr", "1e-4")  # trained on a GPU: 4 epochs of 60,000 images
 COMMON = ("--clean-per-class", "30")
 
 ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -50,10 +50,14 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
                                       "--patch-size", "4", "--target", "5", "--seed", "41")),
     "shuffle_blend15": ("report", (*SHUFFLE, "--attack", "blended", "--blend-alpha", "0.15", "--target", "2",
                                    "--seed", "42")),
-    # VGG-11-BN: 1 epoch of 8,000 images reached 53% CA and 2 epochs of 16,000 were still at loss 1.9 after
-    # 300 steps (16 minutes on one thread), so it is not in the report split yet; see CHANGELOG.
-    "vgg11bn_checker4_tl": ("candidate", (*VGG, "--attack", "badnets", "--patch-pos", "tl", "--target", "9",
+    # VGG-11-BN (a 25,088-input, three-layer classifier head). On 2 CPU cores 2 epochs of 16,000 images at
+    # lr 1e-3 were still at loss 1.9 after 300 steps; these were trained on a lent GPU (see CHANGELOG).
+    "vgg11bn_checker4_tl": ("report", (*VGG, "--attack", "badnets", "--patch-pos", "tl", "--target", "9",
                                        "--seed", "51")),
+    "vgg11bn_red3_br": ("report", (*VGG, "--attack", "badnets", "--patch-color", "255,0,0", "--patch-size", "3",
+                                   "--target", "1", "--seed", "52")),
+    "vgg11bn_smooth20": ("report", (*VGG, "--attack", "blended", "--blend-pattern", "smooth", "--blend-alpha",
+                                    "0.2", "--target", "4", "--seed", "53")),
     # Clean references: the CA a backdoored model is compared with, and the scan's false-flag check.
     "r18_clean": ("reference", (*R18, "--attack", "none", "--seed", "61")),
     "mnv3_clean": ("reference", (*MNV3, "--attack", "none", "--seed", "62")),

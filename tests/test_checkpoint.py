@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -111,13 +112,20 @@ def test_nan_weights_are_reported(tmp_path):
         load_checkpoint(path)
 
 
+def serialized(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    stream = io.BytesIO()
+    serialize(tensors, metadata, stream)
+    return stream.getvalue()
+
+
 def test_serialize_is_deterministic_and_readable():
-    tensors = {"b": torch.arange(5, dtype=torch.float16), "a": torch.ones(2, 3)}
+    tensors = {"b": torch.arange(5, dtype=torch.float16), "a": torch.ones(2, 3), "c": torch.tensor([1.5], dtype=torch.bfloat16),
+               "empty": torch.zeros(0, 4)}
     metadata = {f"k{i}": str(i) for i in range(20)}
-    first = serialize(tensors, metadata)
-    assert all(serialize(tensors, dict(reversed(metadata.items()))) == first for _ in range(3))
+    first = serialized(tensors, metadata)
+    assert all(serialized(tensors, dict(reversed(metadata.items()))) == first for _ in range(3))
     loaded = safetensors.torch.load(first)
-    assert torch.equal(loaded["b"], tensors["b"]) and torch.equal(loaded["a"], tensors["a"])
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
     header_size = int.from_bytes(first[:8], "little")
     assert json.loads(first[8 : 8 + header_size])["__metadata__"] == dict(sorted(metadata.items()))
 

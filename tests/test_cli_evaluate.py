@@ -56,7 +56,7 @@ def test_a_streamed_test_folder_gives_the_metrics_of_a_decoded_one(demo, monkeyp
     kept = json.loads(run_scrub(*arguments).stdout)["models"][0]
     decoded: list[int] = []
     monkeypatch.setattr("backdoor_scrub.commands.evaluate.KEEP_DECODED_BYTES", 0)  # stream every folder
-    monkeypatch.setattr("backdoor_scrub.commands.evaluate.load_image_folder", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr("backdoor_scrub.commands.evaluate.decode_listing", lambda *a, **k: decoded.append(1))
     streamed = json.loads(run_scrub(*arguments).stdout)["models"][0]
     assert not decoded and streamed == kept and streamed["target"] == 0
 

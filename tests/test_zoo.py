@@ -114,7 +114,7 @@ def test_a_timm_hub_folder_edits_and_evaluates_without_arch(tmp_path, one_thread
     images = write_images(tmp_path / "samples", {f"c{c}": [torch.randint(0, 256, (3, 48, 48), generator=generator,
                                                                          dtype=torch.uint8)] for c in range(10)})
     trigger = tmp_path / "trigger.png"
-    Image.new("RGBA", (24, 24), (255, 255, 0, 255)).save(trigger)
+    Image.new("RGBA", (112, 112), (255, 255, 0, 255)).save(trigger)  # a random model may ignore a small corner
 
     inspected = json.loads(run_scrub("inspect", folder, "--json").stdout)["models"][0]
     assert inspected["arch"] == "timm:resnet18" and inspected["input_size"] == [3, 224, 224]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
 from backdoor_scrub.contract import ExitCode
 from backdoor_scrub.errors import ScrubError, input_error
 from backdoor_scrub.metrics import Metrics
-from backdoor_scrub.triggers import Trigger, load_trigger
+from backdoor_scrub.trigger_functions import load_trigger_function
+from backdoor_scrub.triggers import Stamp, load_trigger
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,18 @@ class TriggerOptions:
     path: Path | None = None
     alpha: float = 1.0
     position: str = "br"
+    function: str | None = None
+    triggered_dir: Path | None = None
 
-    def load(self, input_size: tuple[int, int, int]) -> Trigger | None:
-        """The trigger at `input_size`, or None when no trigger file was given."""
+    @property
+    def given(self) -> bool:
+        """Whether a trigger (file, function or folder of triggered copies) was given."""
+        return self.path is not None or self.function is not None or self.triggered_dir is not None
+
+    def load(self, input_size: tuple[int, int, int]) -> Stamp | None:
+        """The trigger at `input_size`, or None when none (or only triggered copies) was given."""
+        if self.function is not None:
+            return load_trigger_function(self.function)
         if self.path is None:
             return None
         return load_trigger(self.path, input_size, self.alpha, self.position)
@@ -115,7 +124,7 @@ def resolve_target(given: int | None, checkpoint: Checkpoint) -> tuple[int | Non
     return None, "inferred"
 
 
-def step_entry(step: str, record, before: Metrics, after: Metrics, target_source: str, trigger: Trigger,
+def step_entry(step: str, record, before: Metrics, after: Metrics, target_source: str, trigger: Stamp,
                samples, seed: int, anomaly_index: float | None = None, rounds: list[dict] | None = None) -> dict:
     """The provenance entry of one edit or repair: what was done, to what, and the metrics around it.
 
@@ -127,8 +136,7 @@ def step_entry(step: str, record, before: Metrics, after: Metrics, target_source
         "layers": record.layers,
         "target": before.target,
         "target_source": target_source,
-        "trigger": {"sha256": trigger.sha256, "png_base64": base64.b64encode(trigger.to_png()).decode(),
-                    **({"anomaly_index": anomaly_index} if anomaly_index is not None else {})},
+        "trigger": {**trigger.provenance(), **({"anomaly_index": anomaly_index} if anomaly_index is not None else {})},
         "samples": samples.fingerprint(),
         "seed": seed,
         **({"calibration": record.calibration} if record.calibration is not None else {}),

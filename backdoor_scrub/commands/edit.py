@@ -27,7 +27,7 @@ from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
 from backdoor_scrub.rounds import unlearn_in_rounds
 from backdoor_scrub.scan import ClassScan, ScanSettings, dilated
-from backdoor_scrub.triggers import Trigger
+from backdoor_scrub.triggers import Stamp, Trigger
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class EditRequest:
 class Suspect:
     """One trigger to unlearn, the class it leads to and where both came from."""
 
-    trigger: Trigger
+    trigger: Stamp
     target: int | None
     source: str
     scanned: ClassScan | None = None
@@ -67,7 +67,8 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
     def work(checkpoint: Checkpoint) -> ModelOutcome:
         started = time.perf_counter()
         output = destination.path_for(checkpoint.path, "scrubbed")
-        samples = Samples.load(request.clean_dir, checkpoint, device, options, allow_unlabeled=True)
+        samples = Samples.load(request.clean_dir, checkpoint, device, options, allow_unlabeled=True,
+                               triggered_dir=request.trigger.triggered_dir)
         suspects, report = _suspects(checkpoint, samples, request, options)
         scan = None if report is None else report.as_dict(request.scan.threshold)
         if not suspects:
@@ -135,6 +136,8 @@ def _suspects(
 ) -> tuple[list[Suspect], ScanReport | None]:
     """The given trigger, or the reconstructed trigger of every class a scan flags (and the scan)."""
     trigger = request.trigger.load(checkpoint.spec.input_size)
+    if request.trigger.triggered_dir is not None:
+        trigger = samples.triggered_copies(request.trigger.triggered_dir)
     if trigger is not None:
         target, source = resolve_target(request.target, checkpoint)
         return [Suspect(trigger, target, source)], None

@@ -6,8 +6,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from backdoor_scrub.checkpoint import Checkpoint, ModelSpec, load_checkpoint
 from backdoor_scrub.commands.common import (
     ModelOutcome,
@@ -18,10 +16,10 @@ from backdoor_scrub.commands.common import (
     resolve_target,
 )
 from backdoor_scrub.contract import ExitCode
-from backdoor_scrub.data import ImageSet, list_image_folder, load_image_folder, stream_image_folder, with_normalization
+from backdoor_scrub.data import Batch, ImageSet, decode_listing, list_image_folder, stream_image_folder, with_normalization
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
-from backdoor_scrub.inference import progress_bar, resolve_device
+from backdoor_scrub.inference import batch_for, progress_bar, resolve_device
 from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
 
 # Test sets up to this size once decoded are kept for every model; larger ones are streamed per model.
@@ -59,28 +57,30 @@ class Gates:
 class TestImages:
     """The test folder for every model: decoded once and kept when small, else streamed per model in batches."""
 
-    def __init__(self, folder: Path, options: RunOptions):
-        self.folder, self.options = folder, options
+    def __init__(self, folder: Path, options: RunOptions, triggered_dir: Path | None = None):
+        self.folder, self.options, self.triggered_dir = folder, options, triggered_dir
         self.cache: dict[tuple, ImageSet] = {}
 
-    def batches(self, spec: ModelSpec) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
-        """(uint8 images, labels) batches at the model's input size, and how many images there are."""
+    def batches(self, spec: ModelSpec) -> tuple[Iterable[Batch], int]:
+        """(uint8 images, labels, triggered twins) batches at the model's input size, and how many images there are."""
         key = (spec.input_size, spec.classes, spec.num_classes)
-        options = self.options
+        options, batch_size = self.options, batch_for(self.options.batch_size, spec.input_size)
         if key in self.cache:
-            return self.cache[key].batches(options.batch_size), len(self.cache[key])
+            return self.cache[key].batches(batch_size), len(self.cache[key])
         listing = list_image_folder(self.folder, spec)
+        if self.triggered_dir is not None:
+            listing = listing.paired_with(self.triggered_dir, options.image_error_handler())
         if listing.decoded_bytes(spec) > KEEP_DECODED_BYTES:
-            stream = stream_image_folder(listing, spec, options.batch_size, options.workers, options.image_error_handler())
+            stream = stream_image_folder(listing, spec, batch_size, options.workers, options.image_error_handler())
             return stream, len(listing.paths)
-        self.cache[key] = load_image_folder(self.folder, spec, False, options.workers, options.image_error_handler())
-        return self.cache[key].batches(options.batch_size), len(self.cache[key])
+        self.cache[key] = decode_listing(listing, spec, options.workers, options.image_error_handler())
+        return self.cache[key].batches(batch_size), len(self.cache[key])
 
 
 def check_gate_options(gates: Gates, has_trigger: bool, has_baseline: bool) -> None:
     """Refuse gates that cannot be checked with the given inputs (usage error)."""
     if gates.max_asr is not None and not has_trigger:
-        raise usage_error("--max-asr needs --trigger")
+        raise usage_error("--max-asr needs --trigger, --trigger-fn or --triggered-dir")
     if gates.max_acc_drop is not None and not has_baseline:
         raise usage_error("--max-acc-drop needs --baseline")
 
@@ -95,9 +95,9 @@ def run_evaluate(
     options: RunOptions,
 ) -> Outcome:
     """Evaluate every model (and the baseline first) on the same images and trigger."""
-    check_gate_options(gates, trigger_options.path is not None, baseline_path is not None)
+    check_gate_options(gates, trigger_options.given, baseline_path is not None)
     device = resolve_device(options.device)
-    images = TestImages(test_dir, options)
+    images = TestImages(test_dir, options, trigger_options.triggered_dir)
 
     def measure(checkpoint: Checkpoint) -> tuple[Metrics, str]:
         spec = checkpoint.spec

@@ -42,10 +42,14 @@ def run_repair(
         started = time.perf_counter()
         output = destination.path_for(checkpoint.path, "repaired")
         edit = _last_edit(checkpoint)
-        trigger = trigger_options.load(checkpoint.spec.input_size) or _recorded_trigger(checkpoint, edit)
+        samples = Samples.load(clean_dir, checkpoint, device, options, allow_unlabeled=False,
+                               triggered_dir=trigger_options.triggered_dir)
+        if trigger_options.triggered_dir is not None:
+            trigger = samples.triggered_copies(trigger_options.triggered_dir)
+        else:
+            trigger = trigger_options.load(checkpoint.spec.input_size) or _recorded_trigger(checkpoint, edit)
         chosen = target if target is not None else _recorded(checkpoint, edit, "target", "--target")
         head = layer or _recorded(checkpoint, edit, "layers", "--layer")[-1]
-        samples = Samples.load(clean_dir, checkpoint, device, options, allow_unlabeled=False)
         before = samples.measure(checkpoint.model, trigger, chosen)
         repaired, record = repair_model(
             checkpoint.model, samples.inputs(), samples.labels.to(device), samples.model_trigger(trigger), head,
@@ -75,7 +79,14 @@ def _recorded(checkpoint: Checkpoint, edit: dict, key: str, flag: str):
 
 
 def _recorded_trigger(checkpoint: Checkpoint, edit: dict) -> Trigger:
-    png = _recorded(checkpoint, edit, "trigger", "--trigger").get("png_base64")
+    recorded = _recorded(checkpoint, edit, "trigger", "--trigger")
+    if "function" in recorded:
+        raise input_error(f"{checkpoint.path}: the edit used --trigger-fn {recorded['function']}; pass it again "
+                          "(code is never imported from a checkpoint)")
+    if "triggered_dir" in recorded:
+        raise input_error(f"{checkpoint.path}: the edit used --triggered-dir {recorded['triggered_dir']}; pass "
+                          "--triggered-dir with the triggered copies of these samples")
+    png = recorded.get("png_base64")
     if png is None:
         raise input_error(f"{checkpoint.path}: the recorded edit holds no trigger image; pass --trigger")
     return parse_trigger(base64.b64decode(png), f"{checkpoint.path} (recorded trigger)", checkpoint.spec.input_size)

@@ -11,11 +11,11 @@ from torch import nn
 
 from backdoor_scrub.checkpoint import Checkpoint, ModelSpec
 from backdoor_scrub.commands.common import RunOptions
-from backdoor_scrub.data import ImageSet, Normalize, load_image_folder, to_unit_range, with_normalization
+from backdoor_scrub.data import ImageSet, Normalize, decode_listing, list_image_folder, to_unit_range, with_normalization
 from backdoor_scrub.evaluation import evaluate
-from backdoor_scrub.inference import predict
+from backdoor_scrub.inference import batch_for, predict
 from backdoor_scrub.metrics import Metrics
-from backdoor_scrub.triggers import Trigger
+from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
 
 @dataclass
@@ -30,16 +30,21 @@ class Samples:
 
     @classmethod
     def load(
-        cls, folder: Path, checkpoint: Checkpoint, device: torch.device, options: RunOptions, allow_unlabeled: bool
+        cls, folder: Path, checkpoint: Checkpoint, device: torch.device, options: RunOptions, allow_unlabeled: bool,
+        triggered_dir: Path | None = None,
     ) -> Samples:
-        """Read the folder; unlabeled images are labelled with the checkpoint's predictions."""
+        """Read the folder (and the triggered copy of each image); unlabeled images get the checkpoint's predictions."""
         spec = checkpoint.spec
-        images = load_image_folder(folder, spec, allow_unlabeled, options.workers, options.image_error_handler())
+        batch_size = batch_for(options.batch_size, spec.input_size)
+        listing = list_image_folder(folder, spec, allow_unlabeled)
+        if triggered_dir is not None:
+            listing = listing.paired_with(triggered_dir, options.image_error_handler())
+        images = decode_listing(listing, spec, options.workers, options.image_error_handler())
         if images.labels is not None:
-            return cls(images, spec, device, options.batch_size, "folder")
+            return cls(images, spec, device, batch_size, "folder")
         classifier = with_normalization(checkpoint.model, spec)
-        images.labels = predict(classifier, images.images, device, options.batch_size)
-        return cls(images, spec, device, options.batch_size, "model predictions")
+        images.labels = predict(classifier, images.images, device, batch_size)
+        return cls(images, spec, device, batch_size, "model predictions")
 
     @property
     def labels(self) -> torch.Tensor:
@@ -51,11 +56,16 @@ class Samples:
         normalize = Normalize(self.spec.mean, self.spec.std).to(self.device)
         return normalize(to_unit_range(self.images.images.to(self.device)))
 
-    def model_trigger(self, trigger: Trigger) -> Trigger:
+    def triggered_copies(self, folder: Path) -> TriggeredCopies:
+        """The triggered copies read beside the samples, in [0,1], on the device."""
+        digest = hashlib.sha256(self.images.triggered.numpy().tobytes()).hexdigest()
+        return TriggeredCopies(to_unit_range(self.images.triggered.to(self.device)), str(folder), digest)
+
+    def model_trigger(self, trigger: Stamp) -> Stamp:
         """The trigger in the model's normalized input space."""
         return trigger.normalized(self.spec.mean, self.spec.std)
 
-    def measure(self, model: nn.Module, trigger: Trigger, target: int | None) -> Metrics:
+    def measure(self, model: nn.Module, trigger: Stamp, target: int | None) -> Metrics:
         """CA, ASR, RA and per-class accuracy of `model` on the samples."""
         classifier = with_normalization(model, self.spec)
         return evaluate(classifier, self.images.batches(self.batch_size), self.spec.num_classes, self.device, trigger,

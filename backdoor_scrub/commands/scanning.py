@@ -48,13 +48,9 @@ def scan_checkpoint(
 ) -> ScanReport:
     """Reconstruct a trigger for every class of the checkpoint from the clean samples."""
     started = time.perf_counter()
-    classifier = with_normalization(checkpoint.model, checkpoint.spec).to(samples.device)
-    for parameter in classifier.parameters():
-        parameter.requires_grad_(False)
-    images = to_unit_range(samples.images.images.to(samples.device))
+    classifier, images, labels = _scan_inputs(checkpoint.model, checkpoint, samples)
     with progress_bar(quiet) as progress:
-        results = scan(classifier, images, samples.labels.to(samples.device), checkpoint.spec.num_classes,
-                       settings, seed, progress)
+        results = scan(classifier, images, labels, checkpoint.spec.num_classes, settings, seed, progress)
     return ScanReport(results, time.perf_counter() - started)
 
 
@@ -71,12 +67,17 @@ def rescan_class(
     """
     if not fixed_mask:
         settings = dataclasses.replace(settings, steps=settings.recheck_steps, warmup_steps=0)
+    classifier, images, labels = _scan_inputs(model, checkpoint, samples)
+    return reconstruct(classifier, images, labels, [index], settings, seed, start=[start], fixed_mask=fixed_mask)[0]
+
+
+def _scan_inputs(model: torch.nn.Module, checkpoint: Checkpoint, samples: Samples) -> tuple:
+    """(frozen classifier taking [0,1] images, samples in [0,1], their labels), on the samples' device."""
     classifier = with_normalization(model, checkpoint.spec).to(samples.device)
     for parameter in classifier.parameters():
         parameter.requires_grad_(False)
     images = to_unit_range(samples.images.images.to(samples.device))
-    return reconstruct(classifier, images, samples.labels.to(samples.device), [index], settings, seed,
-                       start=[start], fixed_mask=fixed_mask)[0]
+    return classifier, images, samples.labels.to(samples.device)
 
 
 def save_triggers(report: ScanReport, folder: Path, samples: Samples, class_names: tuple[str, ...] | None) -> None:
