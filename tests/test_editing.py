@@ -212,3 +212,24 @@ def test_a_stage_must_be_consecutive_children_of_one_sequential():
         unit_of(model, ["features.0", "features.2"])
     with pytest.raises(ScrubError):
         unit_of(model, ["features.2", "fc"])
+
+
+def test_a_sequential_head_chain_gives_the_weights_of_the_general_path(monkeypatch):
+    model = tiny_model()
+    model.fc = nn.Sequential(nn.Linear(16, 12), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(12, 12),
+                             nn.ReLU(inplace=True), nn.Linear(12, 3)).eval()
+    chain = ["fc.0", "fc.3", "fc.5"]
+    settings = EditSettings(min_samples=24)
+    labels = torch.arange(12) % 3
+
+    def run():
+        edited, record = edit_model(model, images(), corner_trigger(), chain, "closed-form", settings, labels=labels)
+        return edited.state_dict(), record.calibration
+
+    segmented, segmented_choice = run()
+    monkeypatch.setattr("backdoor_scrub.chain_edit._segments", lambda head, layers: None)
+    general, general_choice = run()
+    assert segmented_choice["chosen"] == general_choice["chosen"]
+    assert any(not torch.equal(segmented[name], model.state_dict()[name]) for name in segmented)
+    for name, tensor in general.items():
+        torch.testing.assert_close(segmented[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
