@@ -230,9 +230,10 @@ def _read_or_report(
         if listing.twins is None:
             return read_image(path, input_size), None
         twin = listing.twins[index]
-        if image_size(twin) != image_size(path):
-            raise input_error(f"{twin}: {'x'.join(map(str, image_size(twin)))}, but {path} is "
-                              f"{'x'.join(map(str, image_size(path)))} (a triggered copy keeps the image's size)")
+        twin_size, size = image_size(twin), image_size(path)
+        if twin_size != size:
+            raise input_error(f"{twin}: {'x'.join(map(str, twin_size))}, but {path} is "
+                              f"{'x'.join(map(str, size))} (a triggered copy keeps the image's size)")
         return read_image(path, input_size), read_image(twin, input_size)
     except ScrubError as error:
         if on_bad_image is None:

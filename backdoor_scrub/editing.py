@@ -81,8 +81,9 @@ def edit_model(
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
     triggers = list(trigger) if isinstance(trigger, Sequence) else [trigger]
-    clean = augment(clean_inputs, copies_for(len(clean_inputs), settings.min_samples), seed)
-    stamped = torch.cat([triggered_twins(t, clean_inputs, clean, seed) for t in triggers])
+    copies = copies_for(len(clean_inputs), settings.min_samples)
+    clean = augment(clean_inputs, copies, seed)
+    stamped = torch.cat([triggered_twins(t, clean, copies, seed) for t in triggers])
     edited = copy_for_edit(model, stage + chain)
     batch_size = batch_for(settings.batch_size, clean_inputs.shape[1:])
     if stage:
@@ -160,13 +161,12 @@ def match_stage(
     )
 
 
-def triggered_twins(trigger: Stamp | TriggeredCopies, inputs: torch.Tensor, augmented: torch.Tensor,
-                    seed: int) -> torch.Tensor:
-    """The triggered twin of every augmented sample: the stamp applied after the shift, or the given
-    triggered copies shifted and mirrored with their images (augment with the same seed draws the same).
+def triggered_twins(trigger: Stamp | TriggeredCopies, augmented: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
+    """The triggered twin of every sample of augment(samples, copies, seed): the stamp applied after the
+    shift, or the given triggered copies shifted and mirrored with their images (the same seed draws the same).
     """
     if isinstance(trigger, TriggeredCopies):
-        return augment(trigger.images, len(augmented) // len(inputs), seed)
+        return augment(trigger.images, copies, seed)
     return trigger.stamp(augmented)
 
 

@@ -92,7 +92,7 @@ def repair_model(
         return repaired, EditRecord(NO_TARGET_SAMPLE, [head], round(time.perf_counter() - started, 3))
     copies = copies_for(len(inputs), settings.min_samples)
     clean = augment(inputs, copies, seed)
-    stamped = triggered_twins(trigger, inputs, clean, seed)
+    stamped = triggered_twins(trigger, clean, copies, seed)
     tail = find_head(repaired, head, clean[:2])
     features = tail.features(repaired, torch.cat([clean, stamped]), batch_for(settings.batch_size, inputs.shape[1:]))
     layer = repaired.get_submodule(head)

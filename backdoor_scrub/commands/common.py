@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,7 +16,10 @@ from backdoor_scrub.contract import ExitCode
 from backdoor_scrub.errors import ScrubError, input_error
 from backdoor_scrub.metrics import Metrics
 from backdoor_scrub.trigger_functions import load_trigger_function
-from backdoor_scrub.triggers import Stamp, load_trigger
+from backdoor_scrub.triggers import Stamp, TriggeredCopies, load_trigger
+
+if TYPE_CHECKING:
+    from backdoor_scrub.commands.samples import Samples
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,14 @@ class TriggerOptions:
         """Whether a trigger (file, function or folder of triggered copies) was given."""
         return self.path is not None or self.function is not None or self.triggered_dir is not None
 
-    def load(self, input_size: tuple[int, int, int]) -> Stamp | None:
-        """The trigger at `input_size`, or None when none (or only triggered copies) was given."""
+    def load(self, input_size: tuple[int, int, int], samples: Samples | None = None) -> Stamp | TriggeredCopies | None:
+        """The trigger at `input_size`, or the triggered copies of `samples` (read with --triggered-dir).
+
+        None when none was given, or only triggered copies and no samples (evaluate reads its
+        copies with the test images).
+        """
+        if self.triggered_dir is not None:
+            return None if samples is None else samples.triggered_copies(self.triggered_dir)
         if self.function is not None:
             return load_trigger_function(self.function)
         if self.path is None:

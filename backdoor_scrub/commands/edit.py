@@ -135,9 +135,7 @@ def _suspects(
     checkpoint: Checkpoint, samples: Samples, request: EditRequest, options: RunOptions
 ) -> tuple[list[Suspect], ScanReport | None]:
     """The given trigger, or the reconstructed trigger of every class a scan flags (and the scan)."""
-    trigger = request.trigger.load(checkpoint.spec.input_size)
-    if request.trigger.triggered_dir is not None:
-        trigger = samples.triggered_copies(request.trigger.triggered_dir)
+    trigger = request.trigger.load(checkpoint.spec.input_size, samples)
     if trigger is not None:
         target, source = resolve_target(request.target, checkpoint)
         return [Suspect(trigger, target, source)], None

@@ -44,10 +44,7 @@ def run_repair(
         edit = _last_edit(checkpoint)
         samples = Samples.load(clean_dir, checkpoint, device, options, allow_unlabeled=False,
                                triggered_dir=trigger_options.triggered_dir)
-        if trigger_options.triggered_dir is not None:
-            trigger = samples.triggered_copies(trigger_options.triggered_dir)
-        else:
-            trigger = trigger_options.load(checkpoint.spec.input_size) or _recorded_trigger(checkpoint, edit)
+        trigger = trigger_options.load(checkpoint.spec.input_size, samples) or _recorded_trigger(checkpoint, edit)
         chosen = target if target is not None else _recorded(checkpoint, edit, "target", "--target")
         head = layer or _recorded(checkpoint, edit, "layers", "--layer")[-1]
         before = samples.measure(checkpoint.model, trigger, chosen)
