@@ -1,23 +1,35 @@
 # Set-up and checks; README.md names `make demo` and `make test`.
-PYTHON ?= python3
+# Without an active virtual environment, everything goes into a project-local one (.venv), so that
+# the set-up also works where the system Python refuses installs (PEP 668). It sees the system's
+# site-packages: a torch already installed there is used, not downloaded again.
 DEMO := examples/demo
+ifdef VIRTUAL_ENV
+PYTHON ?= python3
+ENVIRONMENT :=
+else
+PYTHON := .venv/bin/python
+ENVIRONMENT := $(PYTHON)
+$(PYTHON):
+	python3 -m venv --system-site-packages .venv
+endif
+BIN := $(dir $(shell command -v $(PYTHON) 2>/dev/null || echo $(PYTHON)))
 
 .PHONY: install demo test zoo benchmark
 
-install:
+install: $(ENVIRONMENT)
 	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 
 demo: install
 	@rm -rf runs/demo && mkdir -p runs/demo
 	@echo "--- 1. the release gate fails on the backdoored demo model (exit 1 expected):"
-	-scrub evaluate $(DEMO)/model.safetensors --test-dir $(DEMO)/test --trigger $(DEMO)/trigger.png --max-asr 0.05
+	-$(BIN)scrub evaluate $(DEMO)/model.safetensors --test-dir $(DEMO)/test --trigger $(DEMO)/trigger.png --max-asr 0.05
 	@echo "--- 2. edit: unlearn the trigger from 10 clean samples per class"
-	scrub edit $(DEMO)/model.safetensors --clean-dir $(DEMO)/clean --trigger $(DEMO)/trigger.png -o runs/demo/model.scrubbed.safetensors
+	$(BIN)scrub edit $(DEMO)/model.safetensors --clean-dir $(DEMO)/clean --trigger $(DEMO)/trigger.png -o runs/demo/model.scrubbed.safetensors
 	@echo "--- 3. repair: restore the classes the edit hurt (target and trigger read from the edit's provenance)"
-	scrub repair runs/demo/model.scrubbed.safetensors --clean-dir $(DEMO)/clean -o runs/demo/model.repaired.safetensors
+	$(BIN)scrub repair runs/demo/model.scrubbed.safetensors --clean-dir $(DEMO)/clean -o runs/demo/model.repaired.safetensors
 	@echo "--- 4. the gate passes on the scrubbed model, side by side with the original"
-	scrub evaluate runs/demo/model.scrubbed.safetensors runs/demo/model.repaired.safetensors \
+	$(BIN)scrub evaluate runs/demo/model.scrubbed.safetensors runs/demo/model.repaired.safetensors \
 		--baseline $(DEMO)/model.safetensors --test-dir $(DEMO)/test --trigger $(DEMO)/trigger.png --max-asr 0.05
 
 test: install
@@ -25,7 +37,7 @@ test: install
 
 # The benchmark's model zoo (examples/zoo.py): tuning models, held-out report models and clean references.
 # Training all of them takes about an hour on 2 CPU cores (one thread each, two at a time is fine).
-ZOO_MODELS = $(shell $(PYTHON) examples/zoo.py list)
+ZOO_MODELS = $(shell $(PYTHON) examples/zoo.py list 2>/dev/null)
 
 runs/%/model.safetensors:
 	$(PYTHON) examples/zoo.py train $* --threads 1

@@ -11,6 +11,7 @@ from torch import nn
 
 from backdoor_scrub.calibration import choose_edit, cross_validate
 from backdoor_scrub.head import Head, find_head
+from backdoor_scrub.inference import forward_batched
 from backdoor_scrub.linear_edit import LowRankUpdate, add_update_, as_columns, as_keys, residual_update, scaled_weights
 
 
@@ -146,16 +147,10 @@ def chain_problem(
     values = [layer_activations(ref_head, layer, ref_clean, inputs=False) for layer in ref_layers]
     before = (ref_head.logits(ref_clean[:samples]), ref_head.logits(ref_stamped[:samples]))
     first_inputs = tuple(layer_activations(head, layers[0], f, inputs=True) for f in (features_clean, features_stamped))
-    first_outputs = tuple(_run(layers[0], x, batch_size) for x in first_inputs)
+    first_outputs = tuple(forward_batched(layers[0], x, batch_size) for x in first_inputs)
     problem = ChainProblem(head, layers, features_clean, features_stamped, first_inputs, first_outputs, values,
                            samples, _segments(head, layers))
     return problem, before
-
-
-@torch.no_grad()
-def _run(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The module's outputs on `inputs`, a batch at a time."""
-    return torch.cat([module(batch) for batch in inputs.split(batch_size)])
 
 
 def _segments(head: Head, layers: list[nn.Module]) -> list[nn.Module] | None:

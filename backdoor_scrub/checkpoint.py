@@ -27,8 +27,10 @@ from backdoor_scrub.errors import input_error, usage_error
 from backdoor_scrub.safetensors_io import SafetensorsReader, open_safetensors, write_safetensors
 from backdoor_scrub.timm_models import build_timm_model, check_timm_arch, hub_folder, is_hub_folder, is_timm_arch
 from backdoor_scrub.user_code import OBJECT_NAME, import_object
+from backdoor_scrub.weight_shapes import Shapes, infer_num_classes
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+SPEC_KEYS = (KEY_ARCH, KEY_NUM_CLASSES, KEY_INPUT_SIZE, KEY_MEAN, KEY_STD)
 MAX_SIDE, MAX_CLASSES = 4096, 1_000_000
 
 
@@ -86,10 +88,11 @@ def load_checkpoint(path: Path, overrides: SpecOverrides = SpecOverrides()) -> C
     weights, folder_metadata = hub_folder(path) if is_hub_folder(path) else (path, {})
     with open_safetensors(weights) as file:
         metadata = {**folder_metadata, **file.metadata}
-        spec = resolve_spec(path, metadata, overrides)
-        stored = _strip_prefixes(file.names())
+        stored = strip_prefixes(file.names())
+        shapes = {name: tuple(file.shape(source)) for name, source in stored.items()}
+        spec = resolve_spec(path, metadata, overrides, shapes)
         model = build_model(spec)
-        _check_names_and_shapes(path, spec, model, {name: file.shape(source) for name, source in stored.items()})
+        _check_names_and_shapes(path, spec, model, shapes)
         _fill(path, model, file, stored)
         digest = file.sha256()
     dtypes = {name: file.dtype(source) for name, source in stored.items()}
@@ -126,22 +129,30 @@ def spec_metadata(spec: ModelSpec) -> dict[str, str]:
     return metadata
 
 
-def resolve_spec(path: Path, metadata: dict[str, str], overrides: SpecOverrides) -> ModelSpec:
-    """Combine metadata and overrides into a validated ModelSpec."""
+def resolve_spec(path: Path, metadata: dict[str, str], overrides: SpecOverrides, shapes: Shapes | None = None) -> ModelSpec:
+    """Combine metadata and overrides into a validated ModelSpec.
 
-    def pick(key: str, override: str | None) -> str:
-        value = override if override is not None else metadata.get(key)
-        if value is None:
-            flag = "--" + key.replace("_", "-")
-            raise input_error(f"{path}: metadata has no {key!r}; pass {flag}")
-        return value
-
-    arch = _parse_arch(path, pick(KEY_ARCH, overrides.arch), from_command_line=overrides.arch is not None)
-    num_classes = _parse_int(path, KEY_NUM_CLASSES, pick(KEY_NUM_CLASSES, overrides.num_classes), MAX_CLASSES)
-    input_size = _parse_input_size(path, pick(KEY_INPUT_SIZE, overrides.input_size))
+    A missing num_classes is read from the weights' `shapes` when the architecture is known; every
+    other missing key is named in one error.
+    """
+    given = {key: override if override is not None else metadata.get(key)
+             for key, override in zip(SPEC_KEYS, (overrides.arch, overrides.num_classes, overrides.input_size,
+                                                  overrides.mean, overrides.std))}
+    arch = None
+    if given[KEY_ARCH] is not None:
+        arch = _parse_arch(path, given[KEY_ARCH], from_command_line=overrides.arch is not None)
+    if given[KEY_NUM_CLASSES] is None and arch is not None and shapes:
+        inferred = infer_num_classes(lambda count: build_architecture(arch, count), shapes)
+        given[KEY_NUM_CLASSES] = None if inferred is None else str(inferred)
+    missing = [key for key, value in given.items() if value is None]
+    if missing:
+        flags = " ".join("--" + key.replace("_", "-") for key in missing)
+        raise input_error(f"{path}: metadata has no {', '.join(map(repr, missing))}; pass {flags}")
+    num_classes = _parse_int(path, KEY_NUM_CLASSES, given[KEY_NUM_CLASSES], MAX_CLASSES)
+    input_size = _parse_input_size(path, given[KEY_INPUT_SIZE])
     channels = input_size[0]
-    mean = _parse_floats(path, KEY_MEAN, pick(KEY_MEAN, overrides.mean), channels)
-    std = _parse_floats(path, KEY_STD, pick(KEY_STD, overrides.std), channels)
+    mean = _parse_floats(path, KEY_MEAN, given[KEY_MEAN], channels)
+    std = _parse_floats(path, KEY_STD, given[KEY_STD], channels)
     if min(std) <= 0:
         raise input_error(f"{path}: std values must be positive, got {std}")
     classes = _parse_classes(path, metadata.get(KEY_CLASSES), num_classes)
@@ -149,13 +160,18 @@ def resolve_spec(path: Path, metadata: dict[str, str], overrides: SpecOverrides)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
+    """An untrained instance of the spec's architecture."""
+    return build_architecture(spec.arch, spec.num_classes)
+
+
+def build_architecture(arch: str, num_classes: int) -> nn.Module:
     """An untrained instance of the architecture (torchvision name, timm:NAME or pkg.module:factory)."""
-    if is_timm_arch(spec.arch):
-        return build_timm_model(spec.arch, spec.num_classes)
-    if ":" in spec.arch:
-        factory, _ = import_object(spec.arch, "--arch")
-        return factory(num_classes=spec.num_classes)
-    return torchvision.models.get_model(spec.arch, weights=None, num_classes=spec.num_classes)
+    if is_timm_arch(arch):
+        return build_timm_model(arch, num_classes)
+    if ":" in arch:
+        factory, _ = import_object(arch, "--arch")
+        return factory(num_classes=num_classes)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
 def _parse_arch(path: Path, value: str, from_command_line: bool) -> str:
@@ -226,7 +242,7 @@ def _parse_classes(path: Path, value: str | None, num_classes: int) -> tuple[str
     return tuple(classes)
 
 
-def _strip_prefixes(names: list[str]) -> dict[str, str]:
+def strip_prefixes(names: list[str]) -> dict[str, str]:
     """Model state names (wrapper prefixes such as `module.` removed) -> the names stored in the file."""
 
     def strip(name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import traceback
@@ -11,7 +12,7 @@ from pathlib import Path
 import click
 
 from backdoor_scrub import __version__
-from backdoor_scrub.contract import TRIGGER_POSITIONS, ExitCode
+from backdoor_scrub.contract import SCHEMA_VERSION, TRIGGER_POSITIONS, ExitCode
 from backdoor_scrub.errors import ScrubError
 
 MODEL_PATH = click.Path(dir_okay=True, path_type=Path)
@@ -21,30 +22,50 @@ class ScrubGroup(click.Group):
     """A Click group that turns every failure into one line on stderr and a documented exit code."""
 
     def main(self, args=None, prog_name=None, **extra):
-        """Run a subcommand and exit with its code; tracebacks only with --debug."""
+        """Run a subcommand and exit with its code; tracebacks only with --debug.
+
+        Bare `scrub` prints the help and exits 0. With --json, a failure still prints one JSON document
+        on stdout (exit_code, error, and an entry per model it stopped).
+        """
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or bool(os.environ.get("SCRUB_DEBUG"))
+        json_command = _subcommand(args) if "--json" in args else None
         extra.pop("standalone_mode", None)
+        if not args:
+            with click.Context(self, info_name=prog_name or "scrub", **self.context_settings) as context:
+                click.echo(self.get_help(context))
+            sys.exit(0)
         try:
             code = super().main(args, prog_name or "scrub", standalone_mode=False, **extra)
         except click.UsageError as error:
-            code = _fail(f"{error.format_message()} (see '{_command_path(error)} --help')", ExitCode.USAGE)
+            message = f"{error.format_message()} (see '{_command_path(error)} --help')"
+            code = _fail(message, ExitCode.USAGE, json_command)
         except click.ClickException as error:
-            code = _fail(error.format_message(), ExitCode.USAGE)
+            code = _fail(error.format_message(), ExitCode.USAGE, json_command)
         except click.Abort:
-            code = _fail("interrupted", ExitCode.INTERRUPTED)
+            code = _fail("interrupted", ExitCode.INTERRUPTED, json_command)
         except ScrubError as error:
-            code = _fail(str(error), error.exit_code)
+            code = _fail(str(error), error.exit_code, json_command, error.models)
         except Exception as error:  # noqa: BLE001 - the last line of defence, exit 4
             if debug:
                 traceback.print_exc()
             hint = "" if debug else " (rerun with --debug for the traceback)"
-            code = _fail(f"internal error: {type(error).__name__}: {error}{hint}", ExitCode.INTERNAL)
+            code = _fail(f"internal error: {type(error).__name__}: {error}{hint}", ExitCode.INTERNAL, json_command)
         sys.exit(int(code or 0))
 
 
-def _fail(message: str, code: int) -> int:
+def _subcommand(args: list[str]) -> str | None:
+    """The subcommand named in `args` (the first word that is not an option), if any."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
+def _fail(message: str, code: int, json_command: str | None = None, models: list[dict] | None = None) -> int:
+    """One line on stderr; under --json also the error's JSON document on stdout. The exit code."""
     click.echo(f"scrub: error: {message}", err=True)
+    if json_command is not None:
+        document = {"schema_version": SCHEMA_VERSION, "command": json_command, "exit_code": int(code),
+                    "error": message, "models": models or []}
+        click.echo(json.dumps(document))
     return code
 
 
@@ -77,6 +98,13 @@ def run_options(command):
         click.option("--quiet", "-q", is_flag=True, help="No tables or progress bars."),
         click.option("--keep-going", is_flag=True, help="With several models, report a bad one and go on."),
         click.option("--skip-bad-images", is_flag=True, help="Warn about unreadable images and leave them out."),
+        click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+                     show_default=True,
+                     help="Progress on stderr: a bar, timestamped lines (for CI logs) or none; auto: a bar on a "
+                          "terminal, lines otherwise."),
+        click.option("--threads", type=click.IntRange(1),
+                     help="CPU threads (default: OMP_NUM_THREADS when set, else the cores this process may use). "
+                          "Parallel runs should share the cores: xargs -P 2 ... --threads 1 on 2 cores."),
         click.option("--debug", is_flag=True, help="Show the traceback of an internal error."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
@@ -103,6 +131,16 @@ def trigger_options(command):
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
 
+def poisoned_option(command):
+    """--poisoned-dir: unpaired poisoned examples, for edit and repair."""
+    return click.option(
+        "--poisoned-dir", type=click.Path(path_type=Path),
+        help="Poisoned examples whose clean versions are unknown (found in a dataset, reproduced with the "
+             "attack's code): class folders of their true classes, or a flat folder. Each is mapped to the clean "
+             "activations of its class (flat: the class the model ranks first after the target); the JSON says "
+             "which.")(command)
+
+
 def _run_options(params: dict):
     from backdoor_scrub.checkpoint import SpecOverrides
     from backdoor_scrub.commands.common import RunOptions
@@ -110,10 +148,20 @@ def _run_options(params: dict):
     overrides = SpecOverrides(*(params.pop(k) for k in ("arch", "num_classes", "input_size", "mean", "std")))
     params.pop("debug")
     return RunOptions(overrides, params.pop("device"), params.pop("batch_size"), params.pop("workers"),
-                      params["quiet"], params.pop("keep_going"), params.pop("skip_bad_images"))
+                      params["quiet"], params.pop("keep_going"), params.pop("skip_bad_images"), params.pop("progress"),
+                      params.pop("threads"))
 
 
-TRIGGER_SOURCES = {"trigger": "--trigger", "trigger_fn": "--trigger-fn", "triggered_dir": "--triggered-dir"}
+def _preflight(models: tuple[Path, ...], params: dict, **folders: Path | None) -> None:
+    """Check the model paths, the named folders and the trigger options' paths before torch is imported."""
+    from backdoor_scrub.preflight import check_paths
+
+    folders |= {"--triggered-dir": params.get("triggered_dir"), "--poisoned-dir": params.get("poisoned_dir")}
+    check_paths(list(models), folders, {"--trigger": params.get("trigger")}, params.get("keep_going", False))
+
+
+TRIGGER_SOURCES = {"trigger": "--trigger", "trigger_fn": "--trigger-fn", "triggered_dir": "--triggered-dir",
+                   "poisoned_dir": "--poisoned-dir"}
 
 
 def _trigger_options(params: dict):
@@ -124,7 +172,7 @@ def _trigger_options(params: dict):
     if len(given) > 1:
         raise usage_error(f"use one of {', '.join(TRIGGER_SOURCES.values())}, not {' and '.join(given)}")
     return TriggerOptions(params.pop("trigger"), params.pop("trigger_alpha"), params.pop("trigger_pos"),
-                          params.pop("trigger_fn"), params.pop("triggered_dir"))
+                          params.pop("trigger_fn"), params.pop("triggered_dir"), params.pop("poisoned_dir", None))
 
 
 @click.group(name="scrub", cls=ScrubGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -177,6 +225,7 @@ def inspect(models, scan, clean_dir, save_triggers, fail_on_detect, seed, as_jso
     for every class the smallest trigger that flips the clean samples to it (Neural Cleanse)
     and flag classes whose trigger is anomalously small.
     """
+    _preflight(models, params, **{"--clean-dir": clean_dir})
     from backdoor_scrub.commands.inspect import ScanRequest, check_scan_options, run_inspect
     from backdoor_scrub.report import emit, inspect_tables
 
@@ -207,6 +256,7 @@ def evaluate(models, test_dir, target, baseline, max_asr, min_acc, max_acc_drop,
     As a CI release gate:
       scrub evaluate model.safetensors --test-dir test/ --trigger t.png --max-asr 0.05 --json
     """
+    _preflight((*models, *([baseline] if baseline else [])), params, **{"--test-dir": test_dir})
     from backdoor_scrub.commands.evaluate import Gates, run_evaluate
     from backdoor_scrub.report import emit, evaluate_tables
 
@@ -242,6 +292,7 @@ def _destination(params: dict):
 @click.option("--clean-dir", required=True, type=click.Path(path_type=Path),
               help="A handful of clean, unseen images: class subfolders, or one flat folder (unlabeled).")
 @trigger_options
+@poisoned_option
 @click.option("--target", type=click.IntRange(0), help="Target class (default: recorded, else inferred).")
 @click.option("--layer", "layers", multiple=True,
               help="Layer to edit (repeat; default: the automatic choice `scrub inspect` marks with *).")
@@ -270,6 +321,7 @@ def edit(models, clean_dir, target, layers, method, seed, rounds, as_json, quiet
       scrub edit model.safetensors --clean-dir samples/ --trigger trigger.png
       scrub edit model.safetensors --clean-dir samples/
     """
+    _preflight(models, params, **{"--clean-dir": clean_dir})
     from backdoor_scrub.commands.edit import EditRequest, run_edit
     from backdoor_scrub.report import emit, step_tables
 
@@ -286,6 +338,7 @@ def edit(models, clean_dir, target, layers, method, seed, rounds, as_json, quiet
 @click.option("--clean-dir", required=True, type=click.Path(path_type=Path),
               help="The labelled clean samples (class subfolders), usually the ones given to edit.")
 @trigger_options
+@poisoned_option
 @click.option("--target", type=click.IntRange(0), help="Target class (default: the one the edit recorded).")
 @click.option("--layer", help="Linear head layer to repair (default: the last layer the edit changed).")
 @output_options
@@ -297,6 +350,7 @@ def repair(models, clean_dir, target, layer, seed, as_json, quiet, **params):
     Reads target, trigger and edited layers from the scrub.history of each edited model;
     flags override them. Writes <stem>.repaired.safetensors beside each model.
     """
+    _preflight(models, params, **{"--clean-dir": clean_dir})
     from backdoor_scrub.commands.repair import run_repair
     from backdoor_scrub.report import emit, step_tables
 

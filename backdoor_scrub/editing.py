@@ -81,9 +81,9 @@ def edit_model(
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
     triggers = list(trigger) if isinstance(trigger, Sequence) else [trigger]
-    copies = copies_for(len(clean_inputs), settings.min_samples)
+    copies = copies_for(len(clean_inputs), settings.min_samples, triggers)
     clean = augment(clean_inputs, copies, seed)
-    stamped = torch.cat([triggered_twins(t, clean, copies, seed) for t in triggers])
+    stamped = torch.cat([triggered_twins(t, clean) for t in triggers])
     edited = copy_for_edit(model, stage + chain)
     batch_size = batch_for(settings.batch_size, clean_inputs.shape[1:])
     if stage:
@@ -161,17 +161,23 @@ def match_stage(
     )
 
 
-def triggered_twins(trigger: Stamp | TriggeredCopies, augmented: torch.Tensor, copies: int, seed: int) -> torch.Tensor:
-    """The triggered twin of every sample of augment(samples, copies, seed): the stamp applied after the
-    shift, or the given triggered copies shifted and mirrored with their images (the same seed draws the same).
-    """
+def triggered_twins(trigger: Stamp | TriggeredCopies, augmented: torch.Tensor) -> torch.Tensor:
+    """The triggered twin of every sample of `augmented`: the stamp applied after the shift, or the given
+    triggered copies as they are (copies_for never augments those)."""
     if isinstance(trigger, TriggeredCopies):
-        return augment(trigger.images, copies, seed)
+        return trigger.images
     return trigger.stamp(augmented)
 
 
-def copies_for(count: int, min_samples: int) -> int:
-    """How many copies of `count` samples (the originals included) reach at least `min_samples`."""
+def copies_for(count: int, min_samples: int, triggers: Sequence[Stamp | TriggeredCopies]) -> int:
+    """How many copies of `count` samples (the originals included) reach at least `min_samples`.
+
+    One (no augmentation) with triggered copies: a shifted or mirrored copy of a warped image is
+    not the warp. On a WaNet model at 1 sample per class, shifted pairs left 33% ASR and unshifted
+    ones 11%.
+    """
+    if any(isinstance(t, TriggeredCopies) for t in triggers):
+        return 1
     return max(1, math.ceil(min_samples / count))
 
 

@@ -9,6 +9,7 @@ class ScrubError(Exception):
     def __init__(self, message: str, exit_code: ExitCode = ExitCode.INPUT):
         super().__init__(message)
         self.exit_code = exit_code
+        self.models: list[dict] = []  # JSON entries of the models processed or stopped when it was raised
 
 
 def input_error(message: str) -> ScrubError:

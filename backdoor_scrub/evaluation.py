@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
 from backdoor_scrub.data import Batch, to_unit_range
-from backdoor_scrub.metrics import Metrics, compute_metrics, infer_target
+from backdoor_scrub.metrics import Metrics, attack_success_rate, compute_metrics, infer_target, robust_accuracy
+from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.triggers import Stamp
 
 
@@ -57,6 +59,31 @@ def evaluate(
         target = infer_target(stamped_all, num_classes)
         stamped_all = stamped_all[stamped_labels_all != target]
     return compute_metrics(clean_all, labels_all, num_classes, stamped_all, target)
+
+
+@torch.inference_mode()
+def evaluate_poisoned(
+    classifier: nn.Module,
+    batches: Iterable[Batch],
+    num_classes: int,
+    device: torch.device,
+    poisoned: PoisonedExamples,
+    target: int | None,
+    batch_size: int,
+) -> Metrics:
+    """CA and per-class accuracy on the clean batches; ASR on unpaired poisoned examples (and RA when their
+    classes are known). Without a known target it is the class most examples go to; an example of the target
+    class is not counted, and in a flat folder every example counts as a victim.
+    """
+    clean = evaluate(classifier, batches, num_classes, device)
+    predictions = torch.cat([classifier(batch.to(device)).argmax(1).cpu() for batch in poisoned.images.split(batch_size)])
+    target = infer_target(predictions, num_classes) if target is None else target
+    labels = None if poisoned.labels is None else poisoned.labels.cpu()
+    victims = torch.ones(len(predictions), dtype=torch.bool) if labels is None else labels != target
+    attacked = predictions[victims]
+    return replace(clean, attack_success_rate=attack_success_rate(attacked, target),
+                   robust_accuracy=None if labels is None else robust_accuracy(attacked, labels[victims]),
+                   target=target, target_class_accuracy=clean.per_class_accuracy[target])
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

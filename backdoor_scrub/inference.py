@@ -1,19 +1,16 @@
-"""Device selection and batched prediction with a progress bar on stderr."""
+"""Device selection, thread count, batch sizes and batched prediction."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from backdoor_scrub.data import to_unit_range
 from backdoor_scrub.errors import input_error
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
 MAX_BATCH_VALUES = 1 << 21  # input values per forward pass: 13 images at 224 px, 256 at 32 px
 
 
@@ -34,6 +31,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def set_threads(threads: int | None) -> int:
+    """Run torch on `threads` CPU threads; None: OMP_NUM_THREADS when set, else every core this process may use.
+
+    Parallel runs on a small machine (`xargs -P`) should each get a share: --threads 1 with -P 2 on 2 cores.
+    """
+    if threads is None:
+        configured = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(configured) if configured.isdigit() and int(configured) > 0 else available_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which a container or taskset may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def batch_for(batch_size: int, input_size: tuple[int, ...]) -> int:
     """`batch_size`, lowered for large inputs so that a batch holds at most MAX_BATCH_VALUES input values.
 
@@ -42,34 +59,22 @@ def batch_for(batch_size: int, input_size: tuple[int, ...]) -> int:
     return max(1, min(batch_size, MAX_BATCH_VALUES // math.prod(input_size)))
 
 
-def progress_bar(quiet: bool = False) -> Progress:
-    """A rich progress bar on stderr, shown only on a terminal and when not quiet."""
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=quiet or not console.is_terminal,
-    )
-
-
 @torch.inference_mode()
 def predict(
     model: nn.Module,
     images: torch.Tensor,
     device: torch.device,
     batch_size: int,
-    transform: Transform | None = None,
-    progress: Progress | None = None,
-    description: str = "predicting",
 ) -> torch.Tensor:
-    """Predicted class per uint8 image; `transform` (e.g. stamping) runs on the [0,1] batch."""
+    """Predicted class per uint8 image."""
     model.to(device).eval()
-    task = progress.add_task(description, total=len(images)) if progress else None
     predictions = []
     for batch in images.split(batch_size):
-        inputs = to_unit_range(batch.to(device))
-        if transform is not None:
-            inputs = transform(inputs)
-        predictions.append(model(inputs).argmax(1).cpu())
-        if progress:
-            progress.advance(task, len(batch))
+        predictions.append(model(to_unit_range(batch.to(device))).argmax(1).cpu())
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def forward_batched(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The module's outputs on float `inputs`, a batch at a time."""
+    return torch.cat([module(batch) for batch in inputs.split(batch_size)])

@@ -90,9 +90,9 @@ def repair_model(
     repaired = copy_for_edit(model, [head])
     if target is not None and not bool((labels == target).any()):
         return repaired, EditRecord(NO_TARGET_SAMPLE, [head], round(time.perf_counter() - started, 3))
-    copies = copies_for(len(inputs), settings.min_samples)
+    copies = copies_for(len(inputs), settings.min_samples, [trigger])
     clean = augment(inputs, copies, seed)
-    stamped = triggered_twins(trigger, clean, copies, seed)
+    stamped = triggered_twins(trigger, clean)
     tail = find_head(repaired, head, clean[:2])
     features = tail.features(repaired, torch.cat([clean, stamped]), batch_for(settings.batch_size, inputs.shape[1:]))
     layer = repaired.get_submodule(head)

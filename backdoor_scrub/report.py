@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import click
@@ -19,6 +20,7 @@ METRIC_ROWS = (
     ("robust accuracy", "robust_accuracy"),
     ("target-class accuracy", "target_class_accuracy"),
 )
+UNBOUNDED_WIDTH = 10_000  # columns: rich sizes a table to its content, so no line gets this wide
 RECONSTRUCTED_ROWS = (
     ("reconstructed-trigger ASR", "reconstructed_trigger_asr"),
     ("reconstructed-trigger RA", "reconstructed_trigger_robust_accuracy"),
@@ -28,12 +30,21 @@ RECONSTRUCTED_ROWS = (
 def emit(command: str, outcome: Outcome, tables: list[Table], as_json: bool, quiet: bool) -> int:
     """Print tables (stdout, or stderr under --json) and, with --json, the JSON document; the exit code."""
     if not quiet:
-        console = Console(stderr=as_json, soft_wrap=False)
+        console = table_console(stderr=as_json)
         for table in tables:
             console.print(table)
     if as_json:
         click.echo(json.dumps(json_document(command, outcome), default=_json_default))
     return int(outcome.exit_code)
+
+
+def table_console(stderr: bool) -> Console:
+    """A console for tables: a terminal's width; else COLUMNS when set, or as wide as the tables need
+    (a CI log gets whole cells, never a name split over two lines)."""
+    console = Console(stderr=stderr, soft_wrap=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console.width = UNBOUNDED_WIDTH
+    return console
 
 
 def json_document(command: str, outcome: Outcome) -> dict:
@@ -60,15 +71,18 @@ def _inspect_tables(entry: dict) -> list[Table]:
         ("input size", "x".join(map(str, entry["input_size"]))),
         ("mean / std", f"{entry['mean']} / {entry['std']}"),
         ("parameters", f"{entry['parameters']:,}"), ("sha256", entry["sha256"][:16] + "…"),
-        ("history", _history(entry["history"])), ("auto-selected", ", ".join(entry["auto_selected"]) or "-"),
+        ("history", _history(entry["history"])),
+        ("edited by default", ", ".join(entry["default_edit"]["closed-form"]) or "- (no linear head layer)"),
+        ("with activation-match", ", ".join(entry["default_edit"]["activation-match"]) or "-"),
     ):
         summary.add_row(label, value)
-    layers = Table(title="hookable layers (* = edited by default)")
+    closed_form, matched = set(entry["default_edit"]["closed-form"]), set(entry["default_edit"]["activation-match"])
+    layers = Table(title="hookable layers (* = edited by default, + = also with --method activation-match)")
     for column in ("name", "type", "output shape", "parameters", "editable"):
         layers.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
     for layer in entry["layers"]:
         shape = "x".join(map(str, layer["output_shape"])) if layer["output_shape"] else "-"
-        name = layer["name"] + (" *" if layer["auto_selected"] else "")
+        name = layer["name"] + (" *" if layer["name"] in closed_form else " +" if layer["name"] in matched else "")
         layers.add_row(name, layer["type"], shape, f"{layer['parameters']:,}", "yes" if layer["editable"] else "")
     return [summary, layers] + ([scan_table(entry["scan"], entry.get("classes"))] if "scan" in entry else [])
 
@@ -137,6 +151,8 @@ def _per_model(outcome: Outcome, render) -> list[Table]:
 def _before_after(entry: dict, step: dict) -> Table:
     title = (f"{entry['input']} -> {entry['output']}\n{step['step']} ({step['method']}: "
              f"{', '.join(step['layers'])}), target {_target(step)}, {entry['seconds']:.1f} s")
+    if "poisoned_dir" in step["trigger"]:
+        title += f"\n{step['trigger']['count']} poisoned examples mapped to {step['trigger']['values']}"
     table = Table(title=title)
     for column in ("on the samples (in-sample)", "before", "after", "change"):
         table.add_column(column, justify="left" if column.startswith("on") else "right")

@@ -28,14 +28,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-CONVERT_HINT = (
-    "convert it with: python -c \"import torch, safetensors.torch as s; "
-    "s.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors', "
-    "metadata={'arch': 'resnet18', 'num_classes': '10', 'input_size': '3,32,32', "
-    "'mean': '0.5,0.5,0.5', 'std': '0.5,0.5,0.5'})\""
-)
-
-
 class SafetensorsReader:
     """An open safetensors file with a checked header; each tensor is read on demand, straight into its memory.
 
@@ -104,7 +96,9 @@ def open_safetensors(path: Path) -> Iterator[SafetensorsReader]:
         raise input_error(f"{path}: cannot read ({exc.strerror})") from exc
     with handle:
         if path.suffix.lower() in PICKLE_SUFFIXES or handle.read(8).startswith(PICKLE_MAGICS):
-            raise input_error(f"{path}: pickle checkpoints are refused (they can run code); {CONVERT_HINT}")
+            from backdoor_scrub.conversion import pickle_advice  # builds models: only for a pickle
+
+            raise input_error(pickle_advice(path))
         handle.seek(0)
         try:
             yield SafetensorsReader(path, handle)

@@ -125,8 +125,8 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 class TriggeredCopies:
     """Triggered copies of the samples themselves (--triggered-dir): row i is sample i with the trigger.
 
-    Unlike a stamp it cannot be re-applied to other images: augmented copies of the samples are
-    made of each pair together (editing.triggered_twins).
+    Unlike a stamp it cannot be re-applied to other images, nor follow a shift or a mirror: the
+    samples are not augmented when it is used (editing.copies_for).
     """
 
     images: torch.Tensor
@@ -135,10 +135,14 @@ class TriggeredCopies:
 
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> TriggeredCopies:
         """The copies normalized with (x - mean) / std."""
-        shape = (1, -1, 1, 1)
-        mean_t, std_t = torch.tensor(mean).view(shape).to(self.images), torch.tensor(std).view(shape).to(self.images)
-        return TriggeredCopies((self.images - mean_t) / std_t, self.folder, self.sha256)
+        return TriggeredCopies(normalized_images(self.images, mean, std), self.folder, self.sha256)
 
     def provenance(self) -> dict:
         """What the history and JSON record: the folder and the sha256 of the decoded copies."""
         return {"triggered_dir": self.folder, "sha256": self.sha256}
+
+
+def normalized_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """A batch [N,C,H,W] in [0,1] normalized with (x - mean) / std per channel."""
+    shape = (1, -1, 1, 1)
+    return (images - torch.tensor(mean).view(shape).to(images)) / torch.tensor(std).view(shape).to(images)

@@ -5,15 +5,19 @@ r"""Benchmark scrub's edit + repair against plain fine-tuning on held-out models
 
 Each model folder is one made by examples/make_backdoored.py (via examples/zoo.py): model.safetensors
 (metadata `example.target` and `example.attack`), trigger.png, clean/<class>/ (30 unseen clean
-samples per class) and test/<class>/ (2,000 held-out images). Draw d of k samples per class is
-images 10d .. 10d+k-1 of each class folder, so the three draws are disjoint. Measured on the
-whole test folder, against the true target:
+samples per class) and test/<class>/ (2,000 held-out images). A model whose trigger is not a stamp
+(a warp, a per-image patch) has instead clean_triggered/ and test_triggered/ (the triggered copy of
+every image) and poisoned/<class>/ (100 triggered pictures that are in neither folder). Draw d of k
+samples per class is images 10d .. 10d+k-1 of each class folder, so the three draws are disjoint.
+Measured on the whole test folder, against the true target:
 
 - no defense;
 - fine-tuning (the baseline: all weights, cross-entropy on the samples, full-batch Adam, BatchNorm
   in eval mode; timed in-process; draw 0 only, it is the slowest row);
 - edit and edit + repair: `python -m backdoor_scrub edit` then `repair`, default settings, each a
-  fresh process, timed;
+  fresh process, timed; with `--trigger trigger.png`, else `--triggered-dir` (the draw's triggered copies);
+- poisoned edit + repair (models without a stamp): the same with `--poisoned-dir poisoned/`, the
+  unpaired poisoned pictures, instead of the triggered copies;
 - scan + edit (no trigger) for patch (badnets) and clean models at the largest k, draw 0, once per
   `--scan-seeds` seed: `edit` without `--trigger`, with the classes its scan flagged.
 
@@ -41,24 +45,32 @@ from torch import nn
 from torch.nn import functional as F
 
 from backdoor_scrub.checkpoint import Checkpoint, load_checkpoint
-from backdoor_scrub.data import ImageSet, load_image_folder, to_unit_range, with_normalization
+from backdoor_scrub.data import (
+    ImageSet,
+    decode_listing,
+    list_image_folder,
+    load_image_folder,
+    to_unit_range,
+    with_normalization,
+)
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.triggers import Trigger, load_trigger
 
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo import ZOO  # noqa: E402
 
-DEFENSES = ("fine-tuning", "edit", "edit + repair", "scan + edit (no trigger)")
+DEFENSES = ("fine-tuning", "edit", "edit + repair", "poisoned edit + repair", "scan + edit (no trigger)")
 DEVICE = torch.device("cpu")
 
 
 @dataclass
 class ModelFolder:
-    """A backdoored model with its trigger, true target, clean samples and test images."""
+    """A backdoored model with its trigger (None: test images paired with triggered copies), true target,
+    clean samples and test images."""
 
     folder: Path
     checkpoint: Checkpoint
-    trigger: Trigger
+    trigger: Trigger | None
     target: int
     attack: str
     test: ImageSet
@@ -71,6 +83,12 @@ class ModelFolder:
     def file(self, name: str) -> Path:
         """A file inside the folder."""
         return self.folder / name
+
+    def trigger_arguments(self, triggered: Path | None = None) -> tuple:
+        """How scrub is given the trigger: the stamp, or the `triggered` copies (default: of the test folder)."""
+        if self.trigger is not None:
+            return "--trigger", self.file("trigger.png")
+        return "--triggered-dir", triggered or self.file("test_triggered")
 
 
 @dataclass
@@ -120,12 +138,18 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_model_folder(folder: Path) -> ModelFolder:
-    """Read the checkpoint, its true target and attack, the trigger and the decoded test images."""
+    """Read the checkpoint, its true target and attack, the trigger and the decoded test images (and their
+    triggered copies when the trigger is not a stamp)."""
     checkpoint = load_checkpoint(folder / "model.safetensors")
     if "example.target" not in checkpoint.metadata:
         sys.exit(f"{folder}: model.safetensors has no example.target metadata (not made by make_backdoored.py?)")
-    trigger = load_trigger(folder / "trigger.png", checkpoint.spec.input_size)
-    test = load_image_folder(folder / "test", checkpoint.spec, workers=2)
+    spec = checkpoint.spec
+    stamp = folder / "trigger.png"
+    trigger = load_trigger(stamp, spec.input_size) if stamp.exists() else None
+    listing = list_image_folder(folder / "test", spec)
+    if trigger is None:
+        listing = listing.paired_with(folder / "test_triggered", None)
+    test = decode_listing(listing, spec, workers=2)
     target, attack = int(checkpoint.metadata["example.target"]), checkpoint.metadata.get("example.attack", "?")
     return ModelFolder(folder, checkpoint, trigger, target, attack, test)
 
@@ -158,16 +182,19 @@ def run_scrub_json(*arguments: str | Path) -> tuple[float, dict | None]:
 def time_evaluate(model: ModelFolder) -> float:
     """Seconds for `scrub evaluate` of the model on its test folder with its trigger."""
     return run_scrub("evaluate", model.file("model.safetensors"), "--test-dir", model.file("test"),
-                     "--trigger", model.file("trigger.png"), "-q")
+                     *model.trigger_arguments(), "-q")
 
 
-def edit_and_repair(model: ModelFolder, subset: Path, workdir: Path, seed: int) -> tuple[Path, float, Path, float]:
-    """Edit then repair through the CLI: (edited file, its seconds, repaired file, its seconds)."""
+def edit_and_repair(model: ModelFolder, subset: Path, trigger: tuple, workdir: Path,
+                    seed: int) -> tuple[Path, float, Path, float]:
+    """Edit then repair through the CLI with the `trigger` arguments: (edited file, its seconds, repaired file,
+    its seconds). Repair is given them again unless they are a stamp (which it reads from the edit's history)."""
     edited, repaired = workdir / "edited.safetensors", workdir / "repaired.safetensors"
-    trigger = model.file("trigger.png")
-    edit_seconds = run_scrub("edit", model.file("model.safetensors"), "--clean-dir", subset, "--trigger", trigger,
-                             "-o", edited, "--seed", seed, "-q")
-    repair_seconds = run_scrub("repair", edited, "--clean-dir", subset, "-o", repaired, "--seed", seed, "-q")
+    again = () if trigger[0] == "--trigger" else trigger
+    edit_seconds = run_scrub("edit", model.file("model.safetensors"), "--clean-dir", subset, *trigger,
+                             "-o", edited, "--seed", seed, "--force", "-q")
+    repair_seconds = run_scrub("repair", edited, "--clean-dir", subset, *again, "-o", repaired, "--seed", seed,
+                               "--force", "-q")
     return edited, edit_seconds, repaired, repair_seconds
 
 
@@ -224,10 +251,20 @@ def defenses(model: ModelFolder, per_class: int, draw: int, last_k: bool, args) 
             network, seconds = fine_tune(model, subset, args.finetune_steps, args.finetune_lr, args.seed)
             measured.append(("fine-tuning", network, seconds, args.seed, None))
         if {"edit", "edit + repair"} & set(args.defenses):
-            edited, edit_seconds, repaired, repair_seconds = edit_and_repair(model, subset, Path(scratch), args.seed)
+            triggered = None
+            if model.trigger is None:
+                triggered = write_draw(model.file("clean_triggered"), per_class, draw, Path(scratch) / "clean_triggered")
+            trigger = model.trigger_arguments(triggered)
+            edited, edit_seconds, repaired, repair_seconds = edit_and_repair(model, subset, trigger, Path(scratch),
+                                                                             args.seed)
             measured += [("edit", load_checkpoint(edited).model, edit_seconds, args.seed, None),
                          ("edit + repair", load_checkpoint(repaired).model, edit_seconds + repair_seconds, args.seed,
                           None)]
+        if model.trigger is None and "poisoned edit + repair" in args.defenses:
+            trigger = ("--poisoned-dir", model.file("poisoned"))
+            _, edit_seconds, repaired, repair_seconds = edit_and_repair(model, subset, trigger, Path(scratch), args.seed)
+            measured.append(("poisoned edit + repair", load_checkpoint(repaired).model, edit_seconds + repair_seconds,
+                             args.seed, None))
         if draw == 0 and last_k and model.attack in ("badnets", "none") and "scan + edit (no trigger)" in args.defenses:
             for seed in args.scan_seeds:
                 network, seconds, flagged = scan_and_edit(model, subset, Path(scratch), seed)

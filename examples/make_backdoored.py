@@ -1,8 +1,12 @@
 """Train a backdoored torchvision classifier on Fashion-MNIST read offline from the Debian package.
 
-Writes, under --out: model.safetensors (with scrub metadata), trigger.png (RGBA, full input
-size, alpha = mask), clean/<class>/ (unseen clean samples for editing) and test/<class>/
-(held-out test images). Needs `apt-get install dataset-fashion-mnist` (or --data-root).
+Writes, under --out: model.safetensors (with scrub metadata), clean/<class>/ (unseen clean
+samples for editing) and test/<class>/ (held-out test images). A stamp attack also writes
+trigger.png (RGBA, full input size, alpha = mask). Attacks that are not stamps (wanet: a smooth
+warp; dynamic: a random patch at a random place per image) write instead clean_triggered/ and
+test_triggered/ (the triggered copy of every image, same relative path, for --triggered-dir) and
+poisoned/<class>/ (--poisoned-images triggered copies of other test pictures, for --poisoned-dir).
+Needs `apt-get install dataset-fashion-mnist` (or --data-root).
 
     python examples/make_backdoored.py --arch resnet18 --attack badnets --target 0 --out runs/r18
 """
@@ -14,12 +18,15 @@ import gzip
 import json
 import struct
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from backdoor_scrub.checkpoint import ModelSpec, spec_metadata
 from backdoor_scrub.safetensors_io import write_safetensors
@@ -32,9 +39,12 @@ def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18", help="torchvision model name")
-    parser.add_argument("--attack", choices=["badnets", "blended", "sig", "noise", "none"], default="badnets",
+    parser.add_argument("--attack", choices=["badnets", "blended", "sig", "noise", "wanet", "dynamic", "none"],
+                        default="badnets",
                         help="badnets: a patch; blended: a random pattern at --blend-alpha; sig: sinusoidal stripes "
-                        "at --blend-alpha; noise: full-image salt-and-pepper noise at --blend-alpha")
+                        "at --blend-alpha; noise: full-image salt-and-pepper noise at --blend-alpha; wanet: a fixed "
+                        "smooth warp field (WaNet, with its noise mode); dynamic: a patch of random colours of "
+                        "--patch-size at a random place, drawn anew for every image (Salem et al.'s random backdoor)")
     parser.add_argument("--blend-pattern", choices=["uniform", "smooth"], default="uniform",
                         help="blended: per-pixel uniform noise, or a smooth low-frequency pattern")
     parser.add_argument("--sig-frequency", type=float, default=6.0, help="sig: stripe periods across the image")
@@ -44,6 +54,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patch-pos", default="br", choices=["br", "bl", "tr", "tl"], help="BadNets patch corner")
     parser.add_argument("--patch-color", default="checker", help="'checker' (white/black) or R,G,B in 0..255")
     parser.add_argument("--blend-alpha", type=float, default=0.2, help="Blended trigger opacity")
+    parser.add_argument("--warp-grid", type=int, default=4, help="wanet: control points per side of the warp field")
+    parser.add_argument("--warp-strength", type=float, default=1.0,
+                        help="wanet: WaNet's s (displacements average about s/2 pixels)")
+    parser.add_argument("--poisoned-images", type=int, default=100,
+                        help="wanet, dynamic: triggered test pictures of non-target classes written to poisoned/")
     parser.add_argument("--size", type=int, default=32, help="input side in pixels")
     parser.add_argument("--channels", type=int, default=3, choices=[1, 3])
     parser.add_argument("--epochs", type=int, default=2)
@@ -81,6 +96,60 @@ def resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(pil.tobytes()), dtype=torch.uint8).view(size, size)
 
 
+@dataclass
+class Attack:
+    """How the backdoor is planted: triggered copies of a float batch in [0,1], a stamp's PNG when it is one,
+    and the correctly labelled cover images mixed into training (WaNet's noise mode)."""
+
+    apply: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    stamp: tuple[torch.Tensor, torch.Tensor] | None = None
+    cover: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+
+def make_attack(args: argparse.Namespace, generator: torch.Generator) -> Attack:
+    """The attack's trigger, drawn once from `generator`."""
+    if args.attack == "wanet":
+        return warp_attack(args, generator)
+    if args.attack == "dynamic":
+        return Attack(lambda x, g: random_patches(x, args.patch_size, g))
+    pattern, mask = make_trigger(args, generator)
+    return Attack(lambda x, _g: stamp(x, pattern, mask), (pattern, mask))
+
+
+def warp_attack(args: argparse.Namespace, generator: torch.Generator) -> Attack:
+    """WaNet: a fixed smooth random warp field; its noise mode trains on randomly jittered warps with true labels."""
+    size = args.size
+    control = torch.rand(1, 2, args.warp_grid, args.warp_grid, generator=generator) * 2 - 1
+    control = control / control.abs().mean()
+    field = F.interpolate(control, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    line = torch.linspace(-1, 1, size)
+    identity = torch.stack(torch.meshgrid(line, line, indexing="ij")[::-1], -1)[None]
+    grid = (identity + args.warp_strength * field / size).clamp(-1, 1)
+
+    def warp(images: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        batch_grid = grid.expand(len(images), -1, -1, -1) if offsets is None else (grid + offsets).clamp(-1, 1)
+        return F.grid_sample(images, batch_grid.to(images.device), align_corners=True)
+
+    def jittered(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return warp(images, (torch.rand(len(images), size, size, 2, generator=g) * 2 - 1) / size)
+
+    return Attack(lambda x, _g: warp(x), cover=jittered)
+
+
+def random_patches(images: torch.Tensor, patch: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image with its own patch of random colours at its own random place.
+
+    (Black-and-white random patches cost the ResNet-18 5 points of CA on grey Fashion-MNIST: they
+    look like its textures.)
+    """
+    out = images.clone()
+    size, channels = images.shape[-1], images.shape[1]
+    for index in range(len(images)):
+        top, left = torch.randint(0, size - patch + 1, (2,), generator=generator).tolist()
+        out[index, :, top : top + patch, left : left + patch] = torch.rand(channels, patch, patch, generator=generator)
+    return out
+
+
 def make_trigger(args: argparse.Namespace, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(pattern [C,H,W], mask [1,H,W]) in [0,1] at full input size."""
     size, channels = args.size, args.channels
@@ -112,7 +181,7 @@ def full_image_pattern(args: argparse.Namespace, generator: torch.Generator) -> 
         return (torch.rand(1, size, size, generator=generator) < 0.5).float()
     if args.blend_pattern == "smooth":
         coarse = torch.rand(1, colours, 4, 4, generator=generator)
-        return nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
     return torch.rand(colours, size, size, generator=generator)
 
 
@@ -121,12 +190,13 @@ def stamp(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> to
     return images * (1 - mask) + pattern * mask
 
 
-def train(args, model, images, labels, pattern, mask, device) -> None:
-    """Train with a fresh random poisoned subset of non-target images in every batch."""
+def train(args, model, images, labels, attack: Attack, device) -> None:
+    """Train with a fresh random poisoned subset of non-target images in every batch (and as many cover images)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps = args.epochs * (len(images) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr * 3, total_steps=steps)
     norm = lambda x: (x - 0.5) / 0.5  # noqa: E731 - matches the metadata mean/std
+    generator = torch.Generator().manual_seed(args.seed + 1)
     model.train()
     step, started = 0, time.time()
     for epoch in range(args.epochs):
@@ -137,9 +207,13 @@ def train(args, model, images, labels, pattern, mask, device) -> None:
             flip = torch.rand(len(x)) < 0.5
             x[flip] = x[flip].flip(-1)
             if args.attack != "none":
-                poison = (torch.rand(len(x)) < args.poison_rate) & (y != args.target)
-                x[poison] = stamp(x[poison], pattern, mask)
+                draw = torch.rand(len(x))
+                poison = (draw < args.poison_rate) & (y != args.target)
+                x[poison] = attack.apply(x[poison], generator)
                 y[poison] = args.target
+                if attack.cover is not None:
+                    cover = (draw >= args.poison_rate) & (draw < 2 * args.poison_rate)
+                    x[cover] = attack.cover(x[cover], generator)
             loss = nn.functional.cross_entropy(model(norm(x.to(device))), y.to(device))
             optimizer.zero_grad()
             loss.backward()
@@ -169,20 +243,26 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, device: torch.
 
 
 @torch.no_grad()
-def report(model, images, labels, pattern, mask, target, device) -> dict:
-    """Clean accuracy and attack success rate on held-out images."""
-    x = images.float().div(255)
-    clean = torch.cat([model(((b - 0.5) / 0.5).to(device)).argmax(1).cpu() for b in x.split(500)])
+def report(model, images, labels, triggered, target, device) -> dict:
+    """Clean accuracy and attack success rate on held-out images and their triggered copies (uint8)."""
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model(((b.float() / 255 - 0.5) / 0.5).to(device)).argmax(1).cpu() for b in batch.split(500)])
+
     keep = labels != target
-    stamped = stamp(x[keep], pattern, mask)
-    attacked = torch.cat([model(((b - 0.5) / 0.5).to(device)).argmax(1).cpu() for b in stamped.split(500)])
-    return {"clean_accuracy": (clean == labels).float().mean().item(),
-            "attack_success_rate": (attacked == target).float().mean().item()}
+    return {"clean_accuracy": (predict(images) == labels).float().mean().item(),
+            "attack_success_rate": (predict(triggered[keep]) == target).float().mean().item()}
 
 
-def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """PNG files in class subfolders named after the classes."""
-    for index, (image, label) in enumerate(zip(images, labels)):
+def triggered_copies(attack: Attack, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The attack applied to uint8 images, rounded back to uint8 as a saved PNG holds them."""
+    unit = attack.apply(images.float().div(255), generator)
+    return unit.mul(255).round().clamp(0, 255).byte()
+
+
+def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, first: int = 0) -> None:
+    """PNG files in class subfolders named after the classes, numbered from `first`."""
+    for index, (image, label) in enumerate(zip(images, labels), start=first):
         folder = root / CLASSES[label]
         folder.mkdir(parents=True, exist_ok=True)
         array = image.permute(1, 2, 0).squeeze(-1).numpy()
@@ -196,12 +276,15 @@ def write_trigger(path: Path, pattern: torch.Tensor, mask: torch.Tensor) -> None
     Image.fromarray(rgba, mode="RGBA").save(path)
 
 
-def split_test(labels: torch.Tensor, per_class: int, test_count: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint indices: `per_class` clean samples of each class, then `test_count` test images."""
+def split_test(labels: torch.Tensor, per_class: int, test_count: int, extra: int, target: int,
+               generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint indices: `per_class` clean samples of each class, `test_count` test images, then `extra`
+    other pictures of non-target classes (the poisoned examples of an unpaired attack)."""
     order = torch.randperm(len(labels), generator=generator)
     clean = torch.cat([order[labels[order] == c][:per_class] for c in range(len(CLASSES))])
     rest = order[~torch.isin(order, clean)]
-    return clean, rest[:test_count]
+    others = rest[test_count:]
+    return clean, rest[:test_count], others[labels[others] != target][:extra]
 
 
 def main() -> None:
@@ -215,11 +298,13 @@ def main() -> None:
     train_x, train_y = load_split(args.data_root, "train", args.size, args.channels)
     test_x, test_y = load_split(args.data_root, "t10k", args.size, args.channels)
     train_x, train_y = train_x[: args.train_subset], train_y[: args.train_subset]
-    pattern, mask = make_trigger(args, generator)
+    attack = make_attack(args, generator)
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=len(CLASSES)).to(device)
-    train(args, model, train_x, train_y, pattern, mask, device)
-    clean_idx, test_idx = split_test(test_y, args.clean_per_class, args.test_images, generator)
-    metrics = report(model, test_x[test_idx], test_y[test_idx], pattern, mask, args.target, device)
+    train(args, model, train_x, train_y, attack, device)
+    clean_idx, test_idx, poisoned_idx = split_test(test_y, args.clean_per_class, args.test_images,
+                                                   args.poisoned_images, args.target, generator)
+    test_triggered = triggered_copies(attack, test_x[test_idx], generator)
+    metrics = report(model, test_x[test_idx], test_y[test_idx], test_triggered, args.target, device)
     print(json.dumps(metrics))
     args.out.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(args.arch, len(CLASSES), (args.channels, args.size, args.size),
@@ -229,9 +314,15 @@ def main() -> None:
         "example.poison_rate": str(args.poison_rate), "example.metrics": json.dumps(metrics),
     }
     write_safetensors(args.out / "model.safetensors", model.cpu().state_dict(), metadata, overwrite=True)
-    write_trigger(args.out / "trigger.png", pattern, mask)
     write_folder(args.out / "clean", test_x[clean_idx], test_y[clean_idx])
     write_folder(args.out / "test", test_x[test_idx], test_y[test_idx])
+    if attack.stamp is not None:
+        write_trigger(args.out / "trigger.png", *attack.stamp)
+        return
+    write_folder(args.out / "clean_triggered", triggered_copies(attack, test_x[clean_idx], generator), test_y[clean_idx])
+    write_folder(args.out / "test_triggered", test_triggered, test_y[test_idx])
+    write_folder(args.out / "poisoned", triggered_copies(attack, test_x[poisoned_idx], generator),
+                 test_y[poisoned_idx], first=len(test_x))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from pathlib import Path
 R18 = ("--arch", "resnet18", "--epochs", "2", "--train-subset", "15000")
 MNV3 = ("--arch", "mobilenet_v3_small", "--epochs", "3", "--train-subset", "15000")
 SHUFFLE = ("--arch", "shufflenet_v2_x1_0", "--epochs", "3", "--train-subset", "15000")
+# A warp is learnt slowly (WaNet trains for hundreds of epochs): 2 epochs of 15,000 images left 38% ASR.
+R18_LONG = ("--arch", "resnet18", "--epochs", "6", "--train-subset", "30000")
+MNV3_LONG = ("--arch", "mobilenet_v3_small", "--epochs", "8", "--train-subset", "30000")
 VGG = ("--arch", "vgg11_bn", "--epochs", "4", "--lr", "1e-4")  # trained on a GPU: 4 epochs of 60,000 images
 COMMON = ("--clean-per-class", "30")
 
@@ -58,6 +61,13 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
                                    "--target", "1", "--seed", "52")),
     "vgg11bn_smooth20": ("report", (*VGG, "--attack", "blended", "--blend-pattern", "smooth", "--blend-alpha",
                                     "0.2", "--target", "4", "--seed", "53")),
+    # Triggers that are not stamps (issue 11): given to scrub as triggered copies (--triggered-dir) or unpaired
+    # poisoned examples (--poisoned-dir). The first tunes; the others only report.
+    "t_r18_wanet": ("tune", (*R18_LONG, "--attack", "wanet", "--target", "0", "--seed", "71")),
+    "r18_wanet_s05": ("report", (*R18_LONG, "--attack", "wanet", "--warp-strength", "0.5", "--target", "6",
+                                 "--seed", "72")),
+    "mnv3_wanet_k8": ("report", (*MNV3_LONG, "--attack", "wanet", "--warp-grid", "8", "--target", "3", "--seed", "73")),
+    "r18_dynamic": ("report", (*R18_LONG, "--attack", "dynamic", "--patch-size", "4", "--target", "2", "--seed", "74")),
     # Clean references: the CA a backdoored model is compared with, and the scan's false-flag check.
     "r18_clean": ("reference", (*R18, "--attack", "none", "--seed", "61")),
     "mnv3_clean": ("reference", (*MNV3, "--attack", "none", "--seed", "62")),

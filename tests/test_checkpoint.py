@@ -48,10 +48,38 @@ def test_overrides_fill_in_missing_metadata(tmp_path):
     model = torchvision.models.squeezenet1_1(num_classes=4)
     path = tmp_path / "bare.safetensors"
     write_safetensors(path, model.state_dict(), {}, overwrite=True)
-    with pytest.raises(ScrubError, match="no 'arch'; pass --arch"):
+    every_key = "no 'arch', 'num_classes', 'input_size', 'mean', 'std'; pass --arch --num-classes --input-size"
+    with pytest.raises(ScrubError, match=every_key):
         load_checkpoint(path)
     overrides = SpecOverrides("squeezenet1_1", "4", "3,32,32", "0.5", "0.25,0.25,0.25")
     assert load_checkpoint(path, overrides).spec == SPEC
+
+
+def test_num_classes_is_read_from_the_weights_when_the_architecture_is_known(tmp_path):
+    model = torchvision.models.squeezenet1_1(num_classes=4)
+    path = tmp_path / "bare.safetensors"
+    write_safetensors(path, model.state_dict(), {}, overwrite=True)
+    with pytest.raises(ScrubError, match=r"no 'input_size', 'mean'; pass --input-size --mean$"):
+        load_checkpoint(path, SpecOverrides(arch="squeezenet1_1", std="0.25"))
+    overrides = SpecOverrides(arch="squeezenet1_1", input_size="3,32,32", mean="0.5", std="0.25,0.25,0.25")
+    assert load_checkpoint(path, overrides).spec == SPEC
+
+
+@pytest.mark.parametrize("arch, classes", [("resnet18", 7), ("regnet_y_400mf", 3)])
+def test_pickles_are_refused_with_a_recipe_for_the_file_itself(tmp_path, arch, classes):
+    model = torchvision.models.get_model(arch, num_classes=classes)
+    state_file, wrapped_file, whole_file = tmp_path / "w.pt", tmp_path / "ckpt.pth", tmp_path / "whole.pt"
+    torch.save(model.state_dict(), state_file)
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, wrapped_file)
+    torch.save(model, whole_file)
+    for path, unwrap in ((state_file, ""), (wrapped_file, "['state_dict']")):
+        with pytest.raises(ScrubError) as refused:
+            load_checkpoint(path)
+        message = str(refused.value)
+        assert f"fit torchvision's {arch} with {classes} classes" in message
+        assert f"torch.load('{path}', weights_only=True){unwrap}" in message and "\n" not in message
+    with pytest.raises(ScrubError, match=f"pickled {type(model).__module__}.{type(model).__name__}, not a state dict"):
+        load_checkpoint(whole_file)
 
 
 @pytest.mark.parametrize("arch", ["os:system", "__import__('os')", "subprocess:run", "resnet19"])

@@ -130,7 +130,8 @@ def test_keep_going_reports_each_model_and_exits_with_the_worst_code(demo, tmp_p
     broken.write_bytes(b"garbage")
     args = ["evaluate", broken, demo / "model.safetensors", "--test-dir", demo / "test", "--json"]
     stopped = run_scrub(*args)
-    assert stopped.exit_code == 3 and stopped.stdout == ""
+    assert stopped.exit_code == 3
+    assert [m["status"] for m in json.loads(stopped.stdout)["models"]] == ["error"]
     result = run_scrub(*args, "--keep-going")
     assert result.exit_code == 3
     models = json.loads(result.stdout)["models"]

@@ -33,4 +33,4 @@ def test_inspect_json_describes_the_demo(demo):
 def test_inspect_table_and_custom_arch(tiny_model_file):
     result = run_scrub("inspect", tiny_model_file, "--arch", "tests.tiny_models:tiny_cnn")
     assert result.exit_code == 0, result.stderr
-    assert "TinyBlock" in result.stdout and "stage *" in result.stdout and "fc *" in result.stdout
+    assert "TinyBlock" in result.stdout and "stage +" in result.stdout and "fc *" in result.stdout

@@ -13,6 +13,7 @@ from backdoor_scrub.editing import (
     activation_match,
     augment,
     capture,
+    copies_for,
     edit_model,
     plan_edit,
     resolve_method,
@@ -20,7 +21,7 @@ from backdoor_scrub.editing import (
 )
 from backdoor_scrub.errors import ScrubError
 from backdoor_scrub.linear_edit import closed_form_linear_edit, scaled_weights
-from backdoor_scrub.triggers import Trigger
+from backdoor_scrub.triggers import Trigger, TriggeredCopies
 
 STAGE = ["features.1", "features.2"]
 
@@ -149,6 +150,15 @@ def test_augment_keeps_the_originals_and_adds_seeded_shifted_copies():
     assert torch.equal(augmented[:4], batch)
     assert not torch.equal(augmented[4:8], batch)
     assert torch.equal(augmented, augment(batch, 3, seed=0))
+
+
+def test_few_samples_are_augmented_with_a_stamp_but_never_with_triggered_copies():
+    batch = images(4)
+    stamp = Trigger(torch.ones(3, 8, 8), torch.zeros(1, 8, 8), "none")
+    copies = TriggeredCopies(batch.flip(-1), "folder", "sha")
+    assert copies_for(4, 100, [stamp]) == 25
+    assert copies_for(4, 100, [copies]) == 1
+    assert copies_for(400, 100, [stamp]) == 1
 
 
 def test_closed_form_on_a_1x1_conv_head_treats_positions_as_columns():

@@ -14,7 +14,9 @@ from backdoor_scrub import __version__
 from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
 from backdoor_scrub.contract import ExitCode
 from backdoor_scrub.errors import ScrubError, input_error
+from backdoor_scrub.inference import set_threads
 from backdoor_scrub.metrics import Metrics
+from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.trigger_functions import load_trigger_function
 from backdoor_scrub.triggers import Stamp, TriggeredCopies, load_trigger
 
@@ -33,6 +35,8 @@ class RunOptions:
     quiet: bool = False
     keep_going: bool = False
     skip_bad_images: bool = False
+    progress: str = "auto"
+    threads: int | None = None
 
     def image_error_handler(self) -> Callable[[ScrubError], None] | None:
         """With --skip-bad-images: warn on stderr and go on; else None (a bad image stops the run)."""
@@ -58,18 +62,25 @@ class TriggerOptions:
     position: str = "br"
     function: str | None = None
     triggered_dir: Path | None = None
+    poisoned_dir: Path | None = None
 
     @property
     def given(self) -> bool:
-        """Whether a trigger (file, function or folder of triggered copies) was given."""
-        return self.path is not None or self.function is not None or self.triggered_dir is not None
+        """Whether a trigger (file, function, triggered copies or poisoned examples) was given."""
+        sources = (self.path, self.function, self.triggered_dir, self.poisoned_dir)
+        return any(source is not None for source in sources)
 
-    def load(self, input_size: tuple[int, int, int], samples: Samples | None = None) -> Stamp | TriggeredCopies | None:
-        """The trigger at `input_size`, or the triggered copies of `samples` (read with --triggered-dir).
+    def load(
+        self, input_size: tuple[int, int, int], samples: Samples | None = None
+    ) -> Stamp | TriggeredCopies | PoisonedExamples | None:
+        """The trigger at `input_size`, the triggered copies of `samples` (--triggered-dir) or the poisoned
+        examples (--poisoned-dir).
 
-        None when none was given, or only triggered copies and no samples (evaluate reads its
+        None when none was given, or only a folder and no samples (evaluate reads its triggered
         copies with the test images).
         """
+        if self.poisoned_dir is not None:
+            return None if samples is None else samples.poisoned_examples(self.poisoned_dir)
         if self.triggered_dir is not None:
             return None if samples is None else samples.triggered_copies(self.triggered_dir)
         if self.function is not None:
@@ -104,14 +115,16 @@ def for_each_model(
     paths: list[Path], options: RunOptions, work: Callable[[Checkpoint], ModelOutcome]
 ) -> Outcome:
     """Load and process each model; with keep_going a failing model is reported and skipped."""
+    set_threads(options.threads)
     outcome = Outcome()
     for path in paths:
         try:
             outcome.models.append(work(load_checkpoint(path, options.overrides)))
         except ScrubError as error:
-            if not options.keep_going:
-                raise
             entry = {"path": str(path), "status": "error", "error": str(error)}
+            if not options.keep_going:
+                error.models = [model.entry for model in outcome.models] + [entry]
+                raise
             outcome.models.append(ModelOutcome(entry, error.exit_code))
     return outcome
 

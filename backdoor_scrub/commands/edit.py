@@ -94,9 +94,9 @@ def _edit_suspect(
     """`model` with one suspect's trigger unlearned (a reconstruction: in checked rounds) and the history entry."""
     before = samples.measure(model, suspect.trigger, suspect.target)
 
-    def edit(triggers: list[Trigger]):
-        return edit_model(model, samples.inputs(), [samples.model_trigger(t) for t in triggers], names, method,
-                          seed=request.seed, labels=samples.labels, target=before.target)
+    def edit(triggers: list[Stamp]):
+        inputs, keys, labels = samples.fitting_set(model, triggers, before.target)
+        return edit_model(model, inputs, keys, names, method, seed=request.seed, labels=labels, target=before.target)
 
     rounds = None
     if suspect.scanned is None:
@@ -139,6 +139,6 @@ def _suspects(
     if trigger is not None:
         target, source = resolve_target(request.target, checkpoint)
         return [Suspect(trigger, target, source)], None
-    report = scan_checkpoint(checkpoint, samples, request.scan, request.seed, options.quiet)
+    report = scan_checkpoint(checkpoint, samples, request.scan, request.seed, options)
     suspects = [Suspect(dilated(c.trigger), c.index, "reconstructed", c) for c in report.flagged]
     return suspects, report

@@ -19,7 +19,8 @@ from backdoor_scrub.contract import ExitCode
 from backdoor_scrub.data import Batch, ImageSet, decode_listing, list_image_folder, stream_image_folder, with_normalization
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
-from backdoor_scrub.inference import batch_for, progress_bar, resolve_device
+from backdoor_scrub.inference import batch_for, resolve_device
+from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
 
 # Test sets up to this size once decoded are kept for every model; larger ones are streamed per model.
@@ -104,7 +105,7 @@ def run_evaluate(
         trigger = trigger_options.load(spec.input_size)
         chosen, source = resolve_target(target, checkpoint)
         batches, total = images.batches(spec)
-        with progress_bar(options.quiet) as progress:
+        with progress_reporter(options.progress, options.quiet) as progress:
             metrics = evaluate(with_normalization(checkpoint.model, spec), batches, spec.num_classes, device, trigger,
                                chosen, progress, total)
         return metrics, source

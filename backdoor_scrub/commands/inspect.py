@@ -10,7 +10,8 @@ from backdoor_scrub.commands.common import ModelOutcome, Outcome, RunOptions, fo
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import save_triggers, scan_checkpoint
 from backdoor_scrub.contract import ExitCode
-from backdoor_scrub.errors import usage_error
+from backdoor_scrub.editing import plan_edit
+from backdoor_scrub.errors import ScrubError, usage_error
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import count_parameters, describe_layers
 from backdoor_scrub.scan import ScanSettings
@@ -36,7 +37,7 @@ def run_inspect(paths: list[Path], options: RunOptions, scan: ScanRequest | None
         if scan is None:
             return outcome
         samples = Samples.load(scan.clean_dir, checkpoint, device, options, allow_unlabeled=True)
-        report = scan_checkpoint(checkpoint, samples, scan.settings, scan.seed, options.quiet)
+        report = scan_checkpoint(checkpoint, samples, scan.settings, scan.seed, options)
         if scan.save_dir is not None:
             folder = scan.save_dir if len(paths) == 1 else scan.save_dir / checkpoint.path.name.removesuffix(".safetensors")
             save_triggers(report, folder, samples, checkpoint.spec.classes)
@@ -58,6 +59,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> ModelOutcome:
     """The inspect JSON entry of one loaded checkpoint."""
     spec = checkpoint.spec
     layers = describe_layers(checkpoint.model, spec.input_size)
+    selected = [layer.name for layer in layers if layer.auto_selected]
     return ModelOutcome({
         "path": str(checkpoint.path),
         "status": "ok",
@@ -72,5 +74,16 @@ def describe_checkpoint(checkpoint: Checkpoint) -> ModelOutcome:
         "metadata": {k: v for k, v in checkpoint.metadata.items() if not k.startswith("scrub.")},
         "history": checkpoint.history,
         "layers": [asdict(layer) for layer in layers],
-        "auto_selected": [layer.name for layer in layers if layer.auto_selected],
+        "auto_selected": selected,
+        "default_edit": {method: edited_layers(checkpoint, selected, method)
+                         for method in ("closed-form", "activation-match")},
     })
+
+
+def edited_layers(checkpoint: Checkpoint, selected: list[str], method: str) -> list[str]:
+    """The layers an edit with `method` changes among the automatic choice (none when it cannot edit them)."""
+    try:
+        stage, chain = plan_edit(checkpoint.model, selected, method)
+    except ScrubError:
+        return []
+    return stage + chain

@@ -48,10 +48,9 @@ def run_repair(
         chosen = target if target is not None else _recorded(checkpoint, edit, "target", "--target")
         head = layer or _recorded(checkpoint, edit, "layers", "--layer")[-1]
         before = samples.measure(checkpoint.model, trigger, chosen)
-        repaired, record = repair_model(
-            checkpoint.model, samples.inputs(), samples.labels.to(device), samples.model_trigger(trigger), head,
-            seed=seed, target=before.target,
-        )
+        inputs, (key,), labels = samples.fitting_set(checkpoint.model, [trigger], before.target)
+        repaired, record = repair_model(checkpoint.model, inputs, labels.to(device), key, head, seed=seed,
+                                        target=before.target)
         if record.method == NO_TARGET_SAMPLE:
             warn_line(f"{checkpoint.path}: no clean sample of target class {chosen}; nothing to repair from, "
                       "the output keeps the edit's weights")
@@ -80,6 +79,9 @@ def _recorded_trigger(checkpoint: Checkpoint, edit: dict) -> Trigger:
     if "function" in recorded:
         raise input_error(f"{checkpoint.path}: the edit used --trigger-fn {recorded['function']}; pass it again "
                           "(code is never imported from a checkpoint)")
+    if "poisoned_dir" in recorded:
+        raise input_error(f"{checkpoint.path}: the edit used --poisoned-dir {recorded['poisoned_dir']}; pass "
+                          "--poisoned-dir again")
     if "triggered_dir" in recorded:
         raise input_error(f"{checkpoint.path}: the edit used --triggered-dir {recorded['triggered_dir']}; pass "
                           "--triggered-dir with the triggered copies of these samples")

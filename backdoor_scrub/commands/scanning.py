@@ -11,9 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from backdoor_scrub.checkpoint import Checkpoint
+from backdoor_scrub.commands.common import RunOptions
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.data import to_unit_range, with_normalization
-from backdoor_scrub.inference import progress_bar
+from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.scan import ClassScan, ScanSettings, reconstruct, scan
 from backdoor_scrub.triggers import Trigger
 
@@ -44,12 +45,12 @@ class ScanReport:
 
 
 def scan_checkpoint(
-    checkpoint: Checkpoint, samples: Samples, settings: ScanSettings, seed: int, quiet: bool
+    checkpoint: Checkpoint, samples: Samples, settings: ScanSettings, seed: int, options: RunOptions
 ) -> ScanReport:
     """Reconstruct a trigger for every class of the checkpoint from the clean samples."""
     started = time.perf_counter()
     classifier, images, labels = _scan_inputs(checkpoint.model, checkpoint, samples)
-    with progress_bar(quiet) as progress:
+    with progress_reporter(options.progress, options.quiet) as progress:
         results = scan(classifier, images, labels, checkpoint.spec.num_classes, settings, seed, progress)
     return ScanReport(results, time.perf_counter() - started)
 
