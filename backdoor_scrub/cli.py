@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 
 from backdoor_scrub import __version__
 from backdoor_scrub.contract import SCHEMA_VERSION, TRIGGER_POSITIONS, ExitCode
-from backdoor_scrub.errors import ScrubError
+from backdoor_scrub.errors import ScrubError, Terminated
 
 MODEL_PATH = click.Path(dir_okay=True, path_type=Path)
 
@@ -35,8 +36,11 @@ class ScrubGroup(click.Group):
             with click.Context(self, info_name=prog_name or "scrub", **self.context_settings) as context:
                 click.echo(self.get_help(context))
             sys.exit(0)
+        previous_handler = signal.signal(signal.SIGTERM, _terminate)
         try:
             code = super().main(args, prog_name or "scrub", standalone_mode=False, **extra)
+        except Terminated:
+            code = _fail("terminated", ExitCode.TERMINATED, json_command)
         except click.UsageError as error:
             message = f"{error.format_message()} (see '{_command_path(error)} --help')"
             code = _fail(message, ExitCode.USAGE, json_command)
@@ -51,7 +55,14 @@ class ScrubGroup(click.Group):
                 traceback.print_exc()
             hint = "" if debug else " (rerun with --debug for the traceback)"
             code = _fail(f"internal error: {type(error).__name__}: {error}{hint}", ExitCode.INTERNAL, json_command)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
         sys.exit(int(code or 0))
+
+
+def _terminate(_signum, _frame) -> None:
+    """SIGTERM handler: unwind the way Ctrl-C does."""
+    raise Terminated()
 
 
 def _subcommand(args: list[str]) -> str | None:

@@ -20,3 +20,4 @@ class ExitCode(IntEnum):
     INPUT = 3
     INTERNAL = 4
     INTERRUPTED = 130
+    TERMINATED = 143

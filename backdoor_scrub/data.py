@@ -6,7 +6,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class ImageSet:
     paths: list[Path]
     class_mapping: str
     triggered: torch.Tensor | None = None
+    skipped: list[Path] = field(default_factory=list)  # unreadable images left out (--skip-bad-images)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,6 +60,12 @@ class ImageListing:
         """What all the images would take in memory once decoded at the model's input size."""
         channels, height, width = spec.input_size
         return len(self.paths) * channels * height * width * (1 if self.twins is None else 2)
+
+    def without(self, indices: set[int]) -> ImageListing:
+        """The listing less the entries at `indices`."""
+        keep = [index for index in range(len(self.paths)) if index not in indices]
+        pick = lambda values: None if values is None else [values[index] for index in keep]  # noqa: E731
+        return ImageListing(self.root, pick(self.paths), pick(self.labels), self.class_mapping, pick(self.twins))
 
     def paired_with(self, triggered_root: Path, on_bad_image: Callable[[ScrubError], None] | None) -> ImageListing:
         """The listing with each image's triggered twin: the file at the same relative path under `triggered_root`.
@@ -141,21 +148,54 @@ def decode_listing(
 ) -> ImageSet:
     """Decode every image of a listing into one tensor.
 
-    With `workers` > 0 the images are decoded by that many threads. An unreadable image is an
-    input error, or, when `on_bad_image` is given, reported to it and left out.
+    With `workers` > 0 the images are decoded by that many threads. Every unreadable image is
+    found first; then they are one input error that lists them, or, when `on_bad_image` is given,
+    reported to it one by one and left out (ImageSet.skipped).
     """
-    read = functools.partial(_read_or_report, listing=listing, input_size=spec.input_size, on_bad_image=on_bad_image)
+    read = functools.partial(_read_entry, listing=listing, input_size=spec.input_size)
     if workers > 0:
         with ThreadPoolExecutor(workers) as pool:
             decoded = list(pool.map(read, range(len(listing.paths))))
     else:
         decoded = [read(index) for index in range(len(listing.paths))]
-    kept = [index for index, pair in enumerate(decoded) if pair is not None]
+    bad = [index for index, pair in enumerate(decoded) if isinstance(pair, ScrubError)]
+    report_bad_images([decoded[index] for index in bad], on_bad_image)
+    kept = [index for index, pair in enumerate(decoded) if not isinstance(pair, ScrubError)]
     if not kept:
         raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
     images, triggered = _stack([decoded[index] for index in kept])
     labels = None if listing.labels is None else torch.tensor([listing.labels[index] for index in kept])
-    return ImageSet(images, labels, [listing.paths[index] for index in kept], listing.class_mapping, triggered)
+    return ImageSet(images, labels, [listing.paths[index] for index in kept], listing.class_mapping, triggered,
+                    [listing.paths[index] for index in bad])
+
+
+def readable_part(
+    listing: ImageListing, workers: int = 0, on_bad_image: Callable[[ScrubError], None] | None = None
+) -> tuple[ImageListing, list[Path]]:
+    """The listing without its unreadable images, and those, found by opening and verifying every file
+    (without decoding it) before a streamed run starts; reported as decode_listing reports them."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = list(pool.map(functools.partial(_check_entry, listing=listing), range(len(listing.paths))))
+    bad = [index for index, problem in enumerate(problems) if problem is not None]
+    report_bad_images([problems[index] for index in bad], on_bad_image)
+    if len(bad) == len(listing.paths):
+        raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
+    return listing.without(set(bad)), [listing.paths[index] for index in bad]
+
+
+def report_bad_images(errors: list[ScrubError], on_bad_image: Callable[[ScrubError], None] | None) -> None:
+    """Unreadable images: one input error naming them all (the first 20, then a count), or each reported."""
+    if not errors:
+        return
+    if on_bad_image is not None:
+        for error in errors:
+            on_bad_image(error)
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    more = f"; and {len(errors) - 20} more" if len(errors) > 20 else ""
+    raise input_error(f"{len(errors)} unreadable images: {'; '.join(map(str, errors[:20]))}{more} "
+                      "(--skip-bad-images leaves them out)")
 
 
 def stream_image_folder(
@@ -163,31 +203,26 @@ def stream_image_folder(
     spec: ModelSpec,
     batch_size: int,
     workers: int = 0,
-    on_bad_image: Callable[[ScrubError], None] | None = None,
 ) -> Iterator[Batch]:
     """(uint8 images, labels, twins) of a labelled listing, one batch at a time: memory does not grow with the folder.
 
     The next batch is decoded by `workers` threads (at least one) while the caller uses this one.
-    Unreadable images are handled as in load_image_folder.
+    Check the listing with readable_part first: an image that still cannot be decoded is an input error.
     """
-    read = functools.partial(_read_or_report, listing=listing, input_size=spec.input_size, on_bad_image=on_bad_image)
+    read = functools.partial(_read_entry, listing=listing, input_size=spec.input_size)
     starts = list(range(0, len(listing.paths), batch_size))
     with ThreadPoolExecutor(max(1, workers)) as pool:
 
         def submit(start: int) -> list[Future]:
             return [pool.submit(read, index) for index in range(start, min(start + batch_size, len(listing.paths)))]
 
-        pending, read_any = submit(0), False
+        pending = submit(0)
         for start in starts:
             current, pending = pending, submit(start + batch_size)
             decoded = [future.result() for future in current]
-            kept = [index for index, pair in enumerate(decoded) if pair is not None]
-            if kept:
-                read_any = True
-                images, triggered = _stack([decoded[i] for i in kept])
-                yield images, torch.tensor([listing.labels[start + i] for i in kept]), triggered
-    if not read_any:
-        raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
+            report_bad_images([pair for pair in decoded if isinstance(pair, ScrubError)], None)
+            images, triggered = _stack(decoded)
+            yield images, torch.tensor(listing.labels[start : start + len(decoded)]), triggered
 
 
 def class_indices(names: list[str], spec: ModelSpec, root: Path) -> tuple[dict[str, int], str]:
@@ -220,11 +255,10 @@ def read_image(path: Path, input_size: tuple[int, int, int]) -> torch.Tensor:
     return pixels.view(height, width, channels).permute(2, 0, 1)
 
 
-def _read_or_report(
-    index: int, listing: ImageListing, input_size: tuple[int, int, int],
-    on_bad_image: Callable[[ScrubError], None] | None,
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(image, its triggered twin or None) of one listing entry; None when unreadable and reported."""
+def _read_entry(
+    index: int, listing: ImageListing, input_size: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None] | ScrubError:
+    """(image, its triggered twin or None) of one listing entry, or the error that says why it cannot be read."""
     path = listing.paths[index]
     try:
         if listing.twins is None:
@@ -236,10 +270,32 @@ def _read_or_report(
                               f"{'x'.join(map(str, size))} (a triggered copy keeps the image's size)")
         return read_image(path, input_size), read_image(twin, input_size)
     except ScrubError as error:
-        if on_bad_image is None:
-            raise
-        on_bad_image(error)
-        return None
+        return error
+
+
+def _check_entry(index: int, listing: ImageListing) -> ScrubError | None:
+    """Why one listing entry (and its twin) cannot be read, from opening and verifying the files; None if it can."""
+    paths = [listing.paths[index]] + ([] if listing.twins is None else [listing.twins[index]])
+    try:
+        sizes = [verified_size(path) for path in paths]
+        if len(set(sizes)) > 1:
+            raise input_error(f"{paths[1]}: {'x'.join(map(str, sizes[1]))}, but {paths[0]} is "
+                              f"{'x'.join(map(str, sizes[0]))} (a triggered copy keeps the image's size)")
+    except ScrubError as error:
+        return error
+    return None
+
+
+def verified_size(path: Path) -> tuple[int, int]:
+    """Width and height of an image whose file passes Pillow's verify (truncation, bad checksums, bombs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()
+                return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise input_error(f"{path}: not a readable image ({exc})") from exc
 
 
 def image_size(path: Path) -> tuple[int, int]:

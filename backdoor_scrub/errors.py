@@ -20,3 +20,10 @@ def input_error(message: str) -> ScrubError:
 def usage_error(message: str) -> ScrubError:
     """A wrong combination of command-line options (exit 2)."""
     return ScrubError(message, ExitCode.USAGE)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (CI runners and `timeout` send it): unwinds like Ctrl-C, so temporary files are removed.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it.
+    """

@@ -81,7 +81,7 @@ def evaluate_poisoned(
     labels = None if poisoned.labels is None else poisoned.labels.cpu()
     victims = torch.ones(len(predictions), dtype=torch.bool) if labels is None else labels != target
     attacked = predictions[victims]
-    return replace(clean, attack_success_rate=attack_success_rate(attacked, target),
+    return replace(clean, attacked_images=len(attacked), attack_success_rate=attack_success_rate(attacked, target),
                    robust_accuracy=None if labels is None else robust_accuracy(attacked, labels[victims]),
                    target=target, target_class_accuracy=clean.per_class_accuracy[target])
 

@@ -13,6 +13,9 @@ class Metrics:
 
     clean_accuracy: float
     per_class_accuracy: list[float | None]
+    images: int = 0  # clean images the accuracies are taken on
+    per_class_images: list[int] | None = None
+    attacked_images: int | None = None  # triggered images of other classes than the target: ASR's denominator
     attack_success_rate: float | None = None
     robust_accuracy: float | None = None
     target: int | None = None
@@ -70,12 +73,16 @@ def compute_metrics(
     """All metrics; `stamped_predictions` cover the images whose label is not `target`."""
     per_class = per_class_accuracy(clean_predictions, labels, num_classes)
     clean = accuracy(clean_predictions, labels)
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
     if stamped_predictions is None or target is None:
-        return Metrics(clean, per_class)
+        return Metrics(clean, per_class, len(labels), counts)
     victims = labels[labels != target]
     return Metrics(
         clean_accuracy=clean,
         per_class_accuracy=per_class,
+        images=len(labels),
+        per_class_images=counts,
+        attacked_images=len(stamped_predictions),
         attack_success_rate=attack_success_rate(stamped_predictions, target),
         robust_accuracy=robust_accuracy(stamped_predictions, victims),
         target=target,

@@ -112,13 +112,15 @@ def evaluate_tables(outcome: Outcome) -> list[Table]:
     rows = [("status", lambda e: e["status"] if e["status"] == "ok" else e.get("error", e["status"]))]
     rows += [("target", _target)]
     rows += [(label, lambda e, key=key: percent(e.get(key))) for label, key in METRIC_ROWS]
+    rows += [("images (attacked)", _image_counts)]
     rows += [("DER", lambda e: percent(e.get("der"))), ("gate", _gate)]
     ok = [entry for _, entry in columns if entry["status"] == "ok"]
     classes = max((len(entry["per_class_accuracy"]) for entry in ok), default=0)
     names = next((entry["classes"] for entry in ok if entry.get("classes")), None)
     for index in range(classes):
         label = f"  acc {index}" + (f" {names[index]}" if names and index < len(names) else "")
-        rows.append((label, lambda e, i=index: percent(_at(e.get("per_class_accuracy"), i))))
+        rows.append((label, lambda e, i=index: f"{percent(_at(e.get('per_class_accuracy'), i))} "
+                                               f"of {_at(e.get('per_class_images'), i)}"))
     for label, cell in rows:
         table.add_row(label, *(cell(entry) if entry["status"] == "ok" or label == "status" else "" for _, entry in columns))
     return [table]
@@ -154,7 +156,9 @@ def _before_after(entry: dict, step: dict) -> Table:
     if "poisoned_dir" in step["trigger"]:
         title += f"\n{step['trigger']['count']} poisoned examples mapped to {step['trigger']['values']}"
     table = Table(title=title)
-    for column in ("on the samples (in-sample)", "before", "after", "change"):
+    attacked = step["before"].get("attacked_images")
+    measured = f"on the {step['before'].get('images')} samples" + ("" if attacked is None else f" ({attacked} attacked)")
+    for column in (f"{measured}, in-sample", "before", "after", "change"):
         table.add_column(column, justify="left" if column.startswith("on") else "right")
     for label, key in METRIC_ROWS + RECONSTRUCTED_ROWS:
         if key not in step["before"]:
@@ -178,6 +182,13 @@ def _calibration_caption(calibration: dict) -> str:
 
 def _target(entry: dict) -> str:
     return "-" if entry.get("target") is None else f"{entry['target']} ({entry.get('target_source') or 'given'})"
+
+
+def _image_counts(entry: dict) -> str:
+    """How many clean images the accuracies come from, and how many triggered ones the ASR."""
+    attacked, skipped = entry.get("attacked_images"), (entry.get("skipped_images") or {}).get("count")
+    return (f"{entry.get('images')}" + ("" if attacked is None else f" ({attacked})")
+            + (f", {skipped} unreadable skipped" if skipped else ""))
 
 
 def _gate(entry: dict) -> str:

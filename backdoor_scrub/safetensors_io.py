@@ -8,7 +8,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +15,7 @@ from typing import BinaryIO
 import torch
 
 from backdoor_scrub.errors import input_error
+from backdoor_scrub.files import write_atomically
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar"}
@@ -109,25 +109,8 @@ def open_safetensors(path: Path) -> Iterator[SafetensorsReader]:
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool
 ) -> None:
-    """Write tensors and metadata to `path` atomically, byte-identical for equal inputs.
-
-    The bytes go to a hidden temporary file in the target folder, fsynced, then hard-linked (never
-    clobbers) or renamed to `path`: `path` never holds a partial file. The temporary file is removed
-    on any exception; only a process killed outright can leave a hidden `.NAME.*.tmp` behind.
-    """
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            serialize(tensors, metadata, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(temp_name, path)
-        else:
-            _link_without_clobbering(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    """Write tensors and metadata to `path` atomically (files.write_atomically), byte-identical for equal inputs."""
+    write_atomically(path, lambda handle: serialize(tensors, metadata, handle), overwrite)
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str], stream: BinaryIO) -> None:
@@ -201,10 +184,3 @@ def _check_tensor_entries(path: Path, header: dict, data_size: int) -> None:
 
 def _is_int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-
-
-def _link_without_clobbering(temp_name: str, path: Path) -> None:
-    try:
-        os.link(temp_name, path)
-    except FileExistsError as exc:
-        raise input_error(f"{path}: already exists (use --force to overwrite)") from exc

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import run_scrub
 
 
@@ -40,18 +42,19 @@ def test_sigkill_at_any_moment_leaves_nothing_or_the_complete_file(demo, tmp_pat
     assert "absent" in outcomes
 
 
-def test_ctrl_c_exits_130_with_one_line_and_no_output(demo, tmp_path):
+@pytest.mark.parametrize("sent, code, message", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_exit_with_one_line_and_no_output(demo, tmp_path, sent, code, message):
     output = tmp_path / "out" / "model.scrubbed.safetensors"
     output.parent.mkdir()
     process = subprocess.Popen(edit_command(demo, output), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, stderr = process.communicate(timeout=60)
     if process.returncode == 0:  # finished before the signal arrived on a fast machine
         assert output.exists()
         return
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "scrub: error: interrupted"
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == f"scrub: error: {message}"
     assert "Traceback" not in stderr
     assert list(output.parent.iterdir()) == []
 

@@ -129,6 +129,11 @@ def for_each_model(
     return outcome
 
 
+def skipped_images(paths: list[Path]) -> dict:
+    """The JSON account of the unreadable images left out (--skip-bad-images): how many, and the first 20."""
+    return {"count": len(paths), "paths": [str(path) for path in paths[:20]]}
+
+
 def recorded_target(checkpoint: Checkpoint) -> int | None:
     """The target recorded by the latest scrub edit in the checkpoint's history, if any."""
     targets = [entry["target"] for entry in checkpoint.history if entry.get("target") is not None]

@@ -14,9 +14,18 @@ from backdoor_scrub.commands.common import (
     TriggerOptions,
     for_each_model,
     resolve_target,
+    skipped_images,
 )
 from backdoor_scrub.contract import ExitCode
-from backdoor_scrub.data import Batch, ImageSet, decode_listing, list_image_folder, stream_image_folder, with_normalization
+from backdoor_scrub.data import (
+    Batch,
+    ImageSet,
+    decode_listing,
+    list_image_folder,
+    readable_part,
+    stream_image_folder,
+    with_normalization,
+)
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.inference import batch_for, resolve_device
@@ -62,20 +71,22 @@ class TestImages:
         self.folder, self.options, self.triggered_dir = folder, options, triggered_dir
         self.cache: dict[tuple, ImageSet] = {}
 
-    def batches(self, spec: ModelSpec) -> tuple[Iterable[Batch], int]:
-        """(uint8 images, labels, triggered twins) batches at the model's input size, and how many images there are."""
+    def batches(self, spec: ModelSpec) -> tuple[Iterable[Batch], int, list[Path]]:
+        """(uint8 images, labels, triggered twins) batches at the model's input size, how many images there are,
+        and the unreadable ones left out (--skip-bad-images). Unreadable images are found before any batch."""
         key = (spec.input_size, spec.classes, spec.num_classes)
         options, batch_size = self.options, batch_for(self.options.batch_size, spec.input_size)
-        if key in self.cache:
-            return self.cache[key].batches(batch_size), len(self.cache[key])
-        listing = list_image_folder(self.folder, spec)
-        if self.triggered_dir is not None:
-            listing = listing.paired_with(self.triggered_dir, options.image_error_handler())
-        if listing.decoded_bytes(spec) > KEEP_DECODED_BYTES:
-            stream = stream_image_folder(listing, spec, batch_size, options.workers, options.image_error_handler())
-            return stream, len(listing.paths)
-        self.cache[key] = decode_listing(listing, spec, options.workers, options.image_error_handler())
-        return self.cache[key].batches(batch_size), len(self.cache[key])
+        if key not in self.cache:
+            listing = list_image_folder(self.folder, spec)
+            if self.triggered_dir is not None:
+                listing = listing.paired_with(self.triggered_dir, options.image_error_handler())
+            if listing.decoded_bytes(spec) > KEEP_DECODED_BYTES:
+                readable, skipped = readable_part(listing, options.workers, options.image_error_handler())
+                stream = stream_image_folder(readable, spec, batch_size, options.workers)
+                return stream, len(readable.paths), skipped
+            self.cache[key] = decode_listing(listing, spec, options.workers, options.image_error_handler())
+        images = self.cache[key]
+        return images.batches(batch_size), len(images), images.skipped
 
 
 def check_gate_options(gates: Gates, has_trigger: bool, has_baseline: bool) -> None:
@@ -100,27 +111,28 @@ def run_evaluate(
     device = resolve_device(options.device)
     images = TestImages(test_dir, options, trigger_options.triggered_dir)
 
-    def measure(checkpoint: Checkpoint) -> tuple[Metrics, str]:
+    def measure(checkpoint: Checkpoint) -> tuple[Metrics, str, dict]:
         spec = checkpoint.spec
         trigger = trigger_options.load(spec.input_size)
         chosen, source = resolve_target(target, checkpoint)
-        batches, total = images.batches(spec)
+        batches, total, skipped = images.batches(spec)
         with progress_reporter(options.progress, options.quiet) as progress:
             metrics = evaluate(with_normalization(checkpoint.model, spec), batches, spec.num_classes, device, trigger,
                                chosen, progress, total)
-        return metrics, source
+        return metrics, source, skipped_images(skipped)
 
     baseline, baseline_source = None, None
     if baseline_path is not None:
-        baseline, baseline_source = measure(load_checkpoint(baseline_path, options.overrides))
+        baseline, baseline_source, _ = measure(load_checkpoint(baseline_path, options.overrides))
 
     def work(checkpoint: Checkpoint) -> ModelOutcome:
-        metrics, source = measure(checkpoint)
+        metrics, source, skipped = measure(checkpoint)
         failures = gates.failures(metrics, baseline)
         entry = {
             "path": str(checkpoint.path), "arch": checkpoint.spec.arch, "status": "ok",
             "classes": list(checkpoint.spec.classes) if checkpoint.spec.classes else None,
             **metrics.as_dict(),
+            "skipped_images": skipped,
             "target_source": source if metrics.target is not None else None,
             "der": defense_effectiveness_rate(metrics, baseline) if baseline else None,
             "gate": {"passed": not failures, "failures": failures} if gates.active else None,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from backdoor_scrub.checkpoint import Checkpoint, ModelSpec
-from backdoor_scrub.commands.common import RunOptions
+from backdoor_scrub.commands.common import RunOptions, skipped_images
 from backdoor_scrub.data import ImageSet, Normalize, decode_listing, list_image_folder, to_unit_range, with_normalization
 from backdoor_scrub.evaluation import evaluate, evaluate_poisoned
 from backdoor_scrub.inference import batch_for, forward_batched, predict
@@ -108,4 +108,5 @@ class Samples:
         """Count and sha256 of the decoded samples and their labels, for provenance."""
         digest = hashlib.sha256(self.images.images.numpy().tobytes())
         digest.update(self.labels.numpy().tobytes())
-        return {"count": len(self.images), "sha256": digest.hexdigest(), "labels": self.labels_from}
+        return {"count": len(self.images), "sha256": digest.hexdigest(), "labels": self.labels_from,
+                "skipped_images": skipped_images(self.images.skipped)}

@@ -14,6 +14,8 @@ from backdoor_scrub.checkpoint import Checkpoint
 from backdoor_scrub.commands.common import RunOptions
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.data import to_unit_range, with_normalization
+from backdoor_scrub.errors import input_error
+from backdoor_scrub.files import write_atomically
 from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.scan import ClassScan, ScanSettings, reconstruct, scan
 from backdoor_scrub.triggers import Trigger
@@ -83,15 +85,19 @@ def _scan_inputs(model: torch.nn.Module, checkpoint: Checkpoint, samples: Sample
 
 def save_triggers(report: ScanReport, folder: Path, samples: Samples, class_names: tuple[str, ...] | None) -> None:
     """Write class_<k>.png (usable as --trigger) per class and contact_sheet.png for a person."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise input_error(f"{folder}: cannot write ({exc.strerror or exc})") from exc
     for result in report.classes:
-        (folder / f"class_{result.index}.png").write_bytes(result.trigger.to_png())
+        png = result.trigger.to_png()
+        write_atomically(folder / f"class_{result.index}.png", lambda handle, png=png: handle.write(png), True)
     example = to_unit_range(samples.images.images[:1])
     tiles = [_sheet_column(result, example, class_names) for result in report.classes]
     sheet = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
     for index, tile in enumerate(tiles):
         sheet.paste(tile, (index * tiles[0].width, 0))
-    sheet.save(folder / "contact_sheet.png")
+    write_atomically(folder / "contact_sheet.png", lambda handle: sheet.save(handle, format="PNG"), True)
 
 
 def _sheet_column(result: ClassScan, example: torch.Tensor, class_names: tuple[str, ...] | None) -> Image.Image:
