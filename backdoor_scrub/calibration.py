@@ -53,13 +53,15 @@ def cross_validate(
     before: tuple[torch.Tensor, torch.Tensor],
     target: int,
     max_folds: int,
+    on_fit: Callable[[], None] | None = None,
 ) -> tuple[list[HeldOut], int]:
     """Each candidate's held-out scores summed over the folds, and the number of folds.
 
     `labels` are the user's samples'; rows 0..rows-1 are those samples then their augmented copies
     (row i a copy of sample i % len(labels)), so a sample and its copies are always held out together.
     `fit(training rows, candidate)` fits in place; `logits_of(held-out samples)` gives the (clean,
-    stamped) logits after it; `before` holds the logits of every sample before the step.
+    stamped) logits after it; `before` holds the logits of every sample before the step. `on_fit` is
+    called after each candidate's fit on each fold (progress).
     """
     folds = fold_ids(labels, max_folds)
     origin = torch.arange(rows) % len(labels)
@@ -71,6 +73,8 @@ def cross_validate(
         for index, candidate in enumerate(candidates):
             fit(train, candidate)
             scores[index] += score_held_out(before[0][held], before[1][held], *logits_of(held), labels[held], target)
+            if on_fit is not None:
+                on_fit()
     return scores, count
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -180,10 +181,11 @@ def calibrate(
     target: int,
     strengths: list[Strength],
     max_folds: int,
+    on_fit: Callable[[], None] | None = None,
 ) -> tuple[Strength, dict]:
     """Score every strength on held-out folds of the samples; the chosen one and what was measured."""
     scores, folds = cross_validate(labels, len(problem.clean), strengths, problem.fit, problem.logits, before, target,
-                                   max_folds)
+                                   max_folds, on_fit)
     chosen = choose_edit(scores)
     report = {
         "folds": folds,

@@ -55,6 +55,7 @@ class ImageListing:
     labels: list[int] | None
     class_mapping: str
     twins: list[Path] | None = None
+    skipped: list[Path] = field(default_factory=list)  # images left out already: their triggered copy is missing
 
     def decoded_bytes(self, spec: ModelSpec) -> int:
         """What all the images would take in memory once decoded at the model's input size."""
@@ -65,7 +66,9 @@ class ImageListing:
         """The listing less the entries at `indices`."""
         keep = [index for index in range(len(self.paths)) if index not in indices]
         pick = lambda values: None if values is None else [values[index] for index in keep]  # noqa: E731
-        return ImageListing(self.root, pick(self.paths), pick(self.labels), self.class_mapping, pick(self.twins))
+        left_out = [self.paths[index] for index in sorted(indices)]
+        return ImageListing(self.root, pick(self.paths), pick(self.labels), self.class_mapping, pick(self.twins),
+                            self.skipped + left_out)
 
     def paired_with(self, triggered_root: Path, on_bad_image: Callable[[ScrubError], None] | None) -> ImageListing:
         """The listing with each image's triggered twin: the file at the same relative path under `triggered_root`.
@@ -83,11 +86,10 @@ class ImageListing:
             raise input_error(f"{triggered_root}: no triggered copy for {len(missing)} image(s): {names}{more}")
         for index in missing:
             on_bad_image(input_error(f"{twins[index]}: missing (the triggered copy of {self.paths[index]})"))
-        kept = sorted(set(range(len(self.paths))) - set(missing))
-        if not kept:
+        if len(missing) == len(self.paths):
             raise input_error(f"{triggered_root}: none of the {len(self.paths)} images has a triggered copy")
-        labels = None if self.labels is None else [self.labels[index] for index in kept]
-        return ImageListing(self.root, [self.paths[i] for i in kept], labels, self.class_mapping, [twins[i] for i in kept])
+        paired = ImageListing(self.root, self.paths, self.labels, self.class_mapping, twins, self.skipped)
+        return paired.without(set(missing))
 
 
 class Normalize(nn.Module):
@@ -166,21 +168,21 @@ def decode_listing(
     images, triggered = _stack([decoded[index] for index in kept])
     labels = None if listing.labels is None else torch.tensor([listing.labels[index] for index in kept])
     return ImageSet(images, labels, [listing.paths[index] for index in kept], listing.class_mapping, triggered,
-                    [listing.paths[index] for index in bad])
+                    listing.skipped + [listing.paths[index] for index in bad])
 
 
 def readable_part(
     listing: ImageListing, workers: int = 0, on_bad_image: Callable[[ScrubError], None] | None = None
-) -> tuple[ImageListing, list[Path]]:
-    """The listing without its unreadable images, and those, found by opening and verifying every file
-    (without decoding it) before a streamed run starts; reported as decode_listing reports them."""
+) -> ImageListing:
+    """The listing without its unreadable images (then in `skipped`), found by opening and verifying every
+    file (without decoding it) before a streamed run starts; reported as decode_listing reports them."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         problems = list(pool.map(functools.partial(_check_entry, listing=listing), range(len(listing.paths))))
     bad = [index for index, problem in enumerate(problems) if problem is not None]
     report_bad_images([problems[index] for index in bad], on_bad_image)
     if len(bad) == len(listing.paths):
         raise input_error(f"{listing.root}: none of the {len(listing.paths)} images could be read")
-    return listing.without(set(bad)), [listing.paths[index] for index in bad]
+    return listing.without(set(bad))
 
 
 def report_bad_images(errors: list[ScrubError], on_bad_image: Callable[[ScrubError], None] | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +68,7 @@ def edit_model(
     seed: int = 0,
     labels: torch.Tensor | None = None,
     target: int | None = None,
+    on_fit: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, EditRecord]:
     """An edited copy of `model` and its record; `model` itself is not changed.
 
@@ -76,7 +77,8 @@ def edit_model(
     first one scoring the calibration. `layer_names` are a stage (one module, or consecutive children of one
     Sequential) followed by the linear layers of the head, as layers.auto_select_layers gives them.
     Few samples are augmented up to settings.min_samples. `labels` (class per sample, for stratified
-    folds) and `target` (else the class the model gives most stamped samples) serve the calibration.
+    folds) and `target` (else the class the model gives most stamped samples) serve the calibration;
+    `on_fit` is called after each of its fits (progress).
     """
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
@@ -97,10 +99,17 @@ def edit_model(
             labels = before[0].argmax(1) if labels is None else labels.to(before[0].device)
             target = int(before[1].argmax(1).mode().values) if target is None else target
             grid = strength_grid(settings.lams, settings.mus)
-            strength, calibration = calibrate(problem, before, labels, target, grid, settings.folds)
+            strength, calibration = calibrate(problem, before, labels, target, grid, settings.folds, on_fit)
         problem.fit(torch.arange(len(clean)), strength)
         problem.commit()
     return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3), calibration)
+
+
+def calibration_fits(samples: int, settings: EditSettings = EditSettings()) -> int:
+    """How many fits the calibration of an edit from `samples` samples runs (for progress)."""
+    if not settings.calibrate or samples < 2:
+        return 0
+    return min(settings.folds, samples) * len(settings.lams) * len(settings.mus)
 
 
 def copy_for_edit(model: nn.Module, names: list[str]) -> nn.Module:

@@ -98,3 +98,11 @@ def test_threads_sets_the_cpu_threads_and_defaults_to_omp_num_threads(demo, monk
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_edit_reports_its_calibration_in_progress_lines(demo, tmp_path, one_thread):
+    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--trigger",
+                       demo / "trigger.png", "-o", tmp_path / "out.safetensors", "--progress", "lines")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if PROGRESS_LINE.match(line) and "calibration" in line]
+    assert lines[0].endswith("started (0 s)") and "50/50 done" in lines[-1]

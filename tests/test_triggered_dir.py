@@ -63,7 +63,9 @@ def test_a_missing_or_resized_copy_is_an_input_error_or_skipped_with_a_warning(d
     resized.unlink()
     kept = run_scrub(*arguments, "--skip-bad-images", "--json")
     assert kept.exit_code == 0 and str(resized) in kept.stderr and "missing" in kept.stderr
-    assert json.loads(kept.stdout)["models"][0]["attack_success_rate"] > 0.9
+    entry = json.loads(kept.stdout)["models"][0]
+    assert entry["attack_success_rate"] > 0.9
+    assert entry["skipped_images"] == {"count": 1, "paths": [str(demo / "test" / resized.relative_to(copies))]}
 
 
 def test_edit_and_repair_from_triggered_copies_remove_the_backdoor(demo):

@@ -22,9 +22,10 @@ from backdoor_scrub.commands.common import (
 )
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import ScanReport, rescan_class, scan_checkpoint
-from backdoor_scrub.editing import edit_model, resolve_method
+from backdoor_scrub.editing import calibration_fits, edit_model, resolve_method
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
+from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.rounds import unlearn_in_rounds
 from backdoor_scrub.scan import ClassScan, ScanSettings, dilated
 from backdoor_scrub.triggers import Stamp, Trigger
@@ -96,7 +97,10 @@ def _edit_suspect(
 
     def edit(triggers: list[Stamp]):
         inputs, keys, labels = samples.fitting_set(model, triggers, before.target)
-        return edit_model(model, inputs, keys, names, method, seed=request.seed, labels=labels, target=before.target)
+        with progress_reporter(samples.options.progress, samples.options.quiet) as progress:
+            task = progress.add_task("editing: calibration fits", total=calibration_fits(len(inputs)) or None)
+            return edit_model(model, inputs, keys, names, method, seed=request.seed, labels=labels,
+                              target=before.target, on_fit=lambda: progress.advance(task))
 
     rounds = None
     if suspect.scanned is None:

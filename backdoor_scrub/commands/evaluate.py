@@ -81,9 +81,9 @@ class TestImages:
             if self.triggered_dir is not None:
                 listing = listing.paired_with(self.triggered_dir, options.image_error_handler())
             if listing.decoded_bytes(spec) > KEEP_DECODED_BYTES:
-                readable, skipped = readable_part(listing, options.workers, options.image_error_handler())
+                readable = readable_part(listing, options.workers, options.image_error_handler())
                 stream = stream_image_folder(readable, spec, batch_size, options.workers)
-                return stream, len(readable.paths), skipped
+                return stream, len(readable.paths), readable.skipped
             self.cache[key] = decode_listing(listing, spec, options.workers, options.image_error_handler())
         images = self.cache[key]
         return images.batches(batch_size), len(images), images.skipped
