@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from backdoor_scrub import __version__
-from backdoor_scrub.contract import SCHEMA_VERSION, TRIGGER_POSITIONS, ExitCode
+from backdoor_scrub.contract import PROGRESS_MODES, SCHEMA_VERSION, TRIGGER_POSITIONS, ExitCode
 from backdoor_scrub.errors import ScrubError, Terminated
 
 MODEL_PATH = click.Path(dir_okay=True, path_type=Path)
@@ -106,10 +106,10 @@ def run_options(command):
         click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
                      help="Threads decoding images (0 = in the main thread)."),
         click.option("--json", "as_json", is_flag=True, help="stdout holds one JSON document; tables go to stderr."),
-        click.option("--quiet", "-q", is_flag=True, help="No tables or progress bars."),
+        click.option("--quiet", "-q", is_flag=True, help="No tables and no progress (errors and warnings still go to stderr)."),
         click.option("--keep-going", is_flag=True, help="With several models, report a bad one and go on."),
         click.option("--skip-bad-images", is_flag=True, help="Warn about unreadable images and leave them out."),
-        click.option("--progress", type=click.Choice(["auto", "bar", "lines", "none"]), default="auto",
+        click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto",
                      show_default=True,
                      help="Progress on stderr: a bar, timestamped lines (for CI logs) or none; auto: a bar on a "
                           "terminal, lines otherwise."),

@@ -9,6 +9,7 @@ KEY_MEAN, KEY_STD, KEY_CLASSES = "mean", "std", "classes"
 KEY_VERSION, KEY_SOURCE_SHA, KEY_HISTORY = "scrub.version", "scrub.source_sha256", "scrub.history"
 
 TRIGGER_POSITIONS = ("br", "bl", "tr", "tl", "center")
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
 
 
 class ExitCode(IntEnum):

@@ -9,7 +9,6 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-PROGRESS_MODES = ("auto", "bar", "lines", "none")
 LINE_EVERY_SECONDS = 15.0
 LINE_EVERY_FRACTION = 0.1
 LINE_MIN_SECONDS = 1.0  # two 10% lines of a short task come at least this far apart
