@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class ScrubGroup(click.Group):
             with click.Context(self, info_name=prog_name or "scrub", **self.context_settings) as context:
                 click.echo(self.get_help(context))
             sys.exit(0)
-        previous_handler = signal.signal(signal.SIGTERM, _terminate)
+        in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
         try:
             code = super().main(args, prog_name or "scrub", standalone_mode=False, **extra)
         except Terminated:
@@ -56,7 +58,8 @@ class ScrubGroup(click.Group):
             hint = "" if debug else " (rerun with --debug for the traceback)"
             code = _fail(f"internal error: {type(error).__name__}: {error}{hint}", ExitCode.INTERNAL, json_command)
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
         sys.exit(int(code or 0))
 
 
