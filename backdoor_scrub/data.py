@@ -185,6 +185,23 @@ def readable_part(
     return listing.without(set(bad))
 
 
+def check_images(folders: list[Path], workers: int = 0) -> None:
+    """Open and verify every image file of the folders (and their class subfolders) without decoding it:
+    one input error naming every unreadable one, before any model is loaded."""
+    files = [path for folder in folders if folder.is_dir()
+             for place in [folder, *sorted(d for d in folder.iterdir() if d.is_dir())] for path in _image_files(place)]
+
+    def problem(path: Path) -> ScrubError | None:
+        try:
+            verified_size(path)
+        except ScrubError as error:
+            return error
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        report_bad_images([error for error in pool.map(problem, files) if error is not None], None)
+
+
 def report_bad_images(errors: list[ScrubError], on_bad_image: Callable[[ScrubError], None] | None) -> None:
     """Unreadable images: one input error naming them all (the first 20, then a count), or each reported."""
     if not errors:

@@ -62,3 +62,12 @@ def test_odd_but_valid_images_are_all_read_and_counted(demo):
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]
     assert entry["images"] == total and entry["skipped_images"]["count"] == 0
+
+
+def test_broken_images_are_found_before_any_model_is_loaded(demo, tmp_path):
+    plant_broken_images(demo / "test")
+    unloadable = tmp_path / "model.safetensors"
+    unloadable.write_bytes(b"not a model")  # were it loaded first, this would be the error
+    result = run_scrub("evaluate", unloadable, "--test-dir", demo / "test", "--json")
+    assert result.exit_code == 3 and "unreadable images" in result.stderr and "not a safetensors" not in result.stderr
+    assert json.loads(result.stdout)["models"][0]["status"] == "error"

@@ -13,6 +13,7 @@ import click
 from backdoor_scrub import __version__
 from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
 from backdoor_scrub.contract import ExitCode
+from backdoor_scrub.data import check_images
 from backdoor_scrub.errors import ScrubError, input_error
 from backdoor_scrub.inference import set_threads
 from backdoor_scrub.metrics import Metrics
@@ -112,10 +113,21 @@ class Outcome:
 
 
 def for_each_model(
-    paths: list[Path], options: RunOptions, work: Callable[[Checkpoint], ModelOutcome]
+    paths: list[Path], options: RunOptions, work: Callable[[Checkpoint], ModelOutcome],
+    image_folders: list[Path | None] = (),
 ) -> Outcome:
-    """Load and process each model; with keep_going a failing model is reported and skipped."""
+    """Load and process each model; with keep_going a failing model is reported and skipped.
+
+    Unless --skip-bad-images is given, every image of `image_folders` is verified first: one error
+    names every unreadable image before any model is loaded.
+    """
     set_threads(options.threads)
+    if not options.skip_bad_images:
+        try:
+            check_images([folder for folder in image_folders if folder is not None], options.workers)
+        except ScrubError as error:
+            error.models = [{"path": str(path), "status": "error", "error": str(error)} for path in paths]
+            raise
     outcome = Outcome()
     for path in paths:
         try:

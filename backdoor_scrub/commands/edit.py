@@ -85,7 +85,8 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
         save_checkpoint(checkpoint, model, output, entries, destination.force)
         return step_report(checkpoint, output, entries, started, scan)
 
-    return for_each_model(paths, options, work)
+    trigger = request.trigger
+    return for_each_model(paths, options, work, [request.clean_dir, trigger.triggered_dir, trigger.poisoned_dir])
 
 
 def _edit_suspect(

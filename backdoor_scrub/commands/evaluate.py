@@ -139,7 +139,7 @@ def run_evaluate(
         }
         return ModelOutcome(entry, ExitCode.GATE_FAILED if failures else ExitCode.OK)
 
-    outcome = for_each_model(paths, options, work)
+    outcome = for_each_model(paths, options, work, [test_dir, trigger_options.triggered_dir])
     if baseline is not None:
         outcome.extra["baseline"] = {"path": str(baseline_path), **baseline.as_dict(), "target_source": baseline_source}
     return outcome

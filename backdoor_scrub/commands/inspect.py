@@ -46,7 +46,7 @@ def run_inspect(paths: list[Path], options: RunOptions, scan: ScanRequest | None
             outcome.exit_code = ExitCode.GATE_FAILED
         return outcome
 
-    return for_each_model(paths, options, work)
+    return for_each_model(paths, options, work, [scan.clean_dir] if scan else [])
 
 
 def check_scan_options(scan: bool, clean_dir: Path | None) -> None:

@@ -60,7 +60,8 @@ def run_repair(
         save_checkpoint(checkpoint, repaired, output, [entry], destination.force)
         return step_report(checkpoint, output, [entry], started)
 
-    return for_each_model(paths, options, work)
+    folders = [clean_dir, trigger_options.triggered_dir, trigger_options.poisoned_dir]
+    return for_each_model(paths, options, work, folders)
 
 
 def _last_edit(checkpoint: Checkpoint) -> dict:
