@@ -1,4 +1,5 @@
-"""Broken images among good ones, found all at once before any model work, and odd-but-valid formats (issue 14)."""
+"""Faults of real data (issue 14): broken images among good ones, found all at once before any model work;
+odd-but-valid image formats; half-precision and NaN checkpoints."""
 
 from __future__ import annotations
 
@@ -71,3 +72,34 @@ def test_broken_images_are_found_before_any_model_is_loaded(demo, tmp_path):
     result = run_scrub("evaluate", unloadable, "--test-dir", demo / "test", "--json")
     assert result.exit_code == 3 and "unreadable images" in result.stderr and "not a safetensors" not in result.stderr
     assert json.loads(result.stdout)["models"][0]["status"] == "error"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_are_edited_in_their_dtype(demo, tmp_path, dtype, one_thread):
+    import torch
+
+    from backdoor_scrub.checkpoint import load_checkpoint
+    from backdoor_scrub.safetensors_io import write_safetensors
+
+    source = load_checkpoint(demo / "model.safetensors")
+    half = {name: t.to(getattr(torch, dtype)) if t.is_floating_point() else t for name, t in source.model.state_dict().items()}
+    path = tmp_path / f"{dtype}.safetensors"
+    write_safetensors(path, half, source.metadata, overwrite=True)
+    output = tmp_path / "edited.safetensors"
+    result = run_scrub("edit", path, "--clean-dir", demo / "clean", "--trigger", demo / "trigger.png", "-o", output, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert load_checkpoint(output).dtypes["classifier.3.weight"] == getattr(torch, dtype)
+
+
+def test_nan_weights_are_one_line_through_the_cli(demo, tmp_path):
+    from backdoor_scrub.checkpoint import load_checkpoint
+    from backdoor_scrub.safetensors_io import write_safetensors
+
+    source = load_checkpoint(demo / "model.safetensors")
+    state = source.model.state_dict()
+    state["classifier.3.bias"] = state["classifier.3.bias"].clone().fill_(float("nan"))
+    path = tmp_path / "nan.safetensors"
+    write_safetensors(path, state, source.metadata, overwrite=True)
+    result = run_scrub("evaluate", path, "--test-dir", demo / "test")
+    assert result.exit_code == 3 and len(result.stderr.strip().splitlines()) == 1
+    assert "NaN or Inf weights in classifier.3.bias" in result.stderr and "Traceback" not in result.stderr
