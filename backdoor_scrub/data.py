@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -190,16 +191,9 @@ def check_images(folders: list[Path], workers: int = 0) -> None:
     one input error naming every unreadable one, before any model is loaded."""
     files = [path for folder in folders if folder.is_dir()
              for place in [folder, *sorted(d for d in folder.iterdir() if d.is_dir())] for path in _image_files(place)]
-
-    def problem(path: Path) -> ScrubError | None:
-        try:
-            verified_size(path)
-        except ScrubError as error:
-            return error
-        return None
-
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        report_bad_images([error for error in pool.map(problem, files) if error is not None], None)
+        outcomes = pool.map(functools.partial(_or_error, verified_size), files)
+        report_bad_images([outcome for outcome in outcomes if isinstance(outcome, ScrubError)], None)
 
 
 def report_bad_images(errors: list[ScrubError], on_bad_image: Callable[[ScrubError], None] | None) -> None:
@@ -261,69 +255,78 @@ def class_indices(names: list[str], spec: ModelSpec, root: Path) -> tuple[dict[s
 def read_image(path: Path, input_size: tuple[int, int, int]) -> torch.Tensor:
     """One image as uint8 [C,H,W], converted to the model's channels and resized."""
     channels, height, width = input_size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise input_error(f"{path}: not a readable image ({exc})") from exc
+    with opened_image(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return pixels.view(height, width, channels).permute(2, 0, 1)
 
 
-def _read_entry(
-    index: int, listing: ImageListing, input_size: tuple[int, int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None] | ScrubError:
-    """(image, its triggered twin or None) of one listing entry, or the error that says why it cannot be read."""
-    path = listing.paths[index]
-    try:
-        if listing.twins is None:
-            return read_image(path, input_size), None
-        twin = listing.twins[index]
-        twin_size, size = image_size(twin), image_size(path)
-        if twin_size != size:
-            raise input_error(f"{twin}: {'x'.join(map(str, twin_size))}, but {path} is "
-                              f"{'x'.join(map(str, size))} (a triggered copy keeps the image's size)")
-        return read_image(path, input_size), read_image(twin, input_size)
-    except ScrubError as error:
-        return error
-
-
-def _check_entry(index: int, listing: ImageListing) -> ScrubError | None:
-    """Why one listing entry (and its twin) cannot be read, from opening and verifying the files; None if it can."""
-    paths = [listing.paths[index]] + ([] if listing.twins is None else [listing.twins[index]])
-    try:
-        sizes = [verified_size(path) for path in paths]
-        if len(set(sizes)) > 1:
-            raise input_error(f"{paths[1]}: {'x'.join(map(str, sizes[1]))}, but {paths[0]} is "
-                              f"{'x'.join(map(str, sizes[0]))} (a triggered copy keeps the image's size)")
-    except ScrubError as error:
-        return error
-    return None
-
-
 def verified_size(path: Path) -> tuple[int, int]:
     """Width and height of an image whose file passes Pillow's verify (truncation, bad checksums, bombs)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.verify()
-                return image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise input_error(f"{path}: not a readable image ({exc})") from exc
+    with opened_image(path) as image:
+        image.verify()
+        return image.size
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """Width and height from the image's header (no decoding)."""
+    with opened_image(path) as image:
+        return image.size
+
+
+@contextlib.contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """The image file, open; anything that stops Pillow reading it (a decompression bomb included) is the
+    input error `PATH: not a readable image (reason)`."""
     try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise input_error(f"{path}: not a readable image ({exc})") from exc
+
+
+def _read_entry(
+    index: int, listing: ImageListing, input_size: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None] | ScrubError:
+    """(image, its triggered twin or None) of one listing entry, or the error that says why it cannot be read."""
+
+    def read() -> tuple[torch.Tensor, torch.Tensor | None]:
+        path = listing.paths[index]
+        if listing.twins is None:
+            return read_image(path, input_size), None
+        _check_pair_sizes(path, listing.twins[index], image_size)
+        return read_image(path, input_size), read_image(listing.twins[index], input_size)
+
+    return _or_error(read)
+
+
+def _check_entry(index: int, listing: ImageListing) -> ScrubError | None:
+    """Why one listing entry (and its twin) cannot be read, from opening and verifying the files; None if it can."""
+    if listing.twins is None:
+        problem = _or_error(verified_size, listing.paths[index])
+    else:
+        problem = _or_error(_check_pair_sizes, listing.paths[index], listing.twins[index], verified_size)
+    return problem if isinstance(problem, ScrubError) else None
+
+
+def _check_pair_sizes(path: Path, twin: Path, size_of: Callable[[Path], tuple[int, int]]) -> None:
+    """A triggered copy keeps its image's size: an input error naming both sizes otherwise."""
+    size, twin_size = size_of(path), size_of(twin)
+    if twin_size != size:
+        raise input_error(f"{twin}: {'x'.join(map(str, twin_size))}, but {path} is "
+                          f"{'x'.join(map(str, size))} (a triggered copy keeps the image's size)")
+
+
+def _or_error(function: Callable, *args):
+    """function(*args), or the ScrubError it raised (so that every bad image can be collected, then reported)."""
+    try:
+        return function(*args)
+    except ScrubError as error:
+        return error
 
 
 def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
