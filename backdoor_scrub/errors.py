@@ -1,5 +1,7 @@
 """Exit codes and the one exception type for expected failures."""
 
+from __future__ import annotations
+
 from backdoor_scrub.contract import ExitCode
 
 
@@ -10,6 +12,16 @@ class ScrubError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.models: list[dict] = []  # JSON entries of the models processed or stopped when it was raised
+
+    def stopping(self, paths: list) -> ScrubError:
+        """The error, its JSON entries saying it stopped every model of `paths`."""
+        self.models = [error_entry(path, self) for path in paths]
+        return self
+
+
+def error_entry(path, error: ScrubError) -> dict:
+    """The JSON entry of a model that `error` stopped."""
+    return {"path": str(path), "status": "error", "error": str(error)}
 
 
 def input_error(message: str) -> ScrubError:

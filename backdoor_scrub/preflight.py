@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backdoor_scrub.errors import ScrubError, input_error
+from backdoor_scrub.errors import input_error
 
 
 def check_paths(
@@ -17,17 +17,12 @@ def check_paths(
     """
     missing = [path for path in models if not path.exists()]
     if missing and not keep_going:
-        raise _for_models(input_error(f"{missing[0]}: cannot read (No such file or directory)"), models)
+        raise input_error(f"{missing[0]}: cannot read (No such file or directory)").stopping(models)
     for option, folder in folders.items():
         if folder is not None and not folder.is_dir():
-            raise _for_models(input_error(f"{folder}: not a folder ({option})"), models)
+            raise input_error(f"{folder}: not a folder ({option})").stopping(models)
     for option, file in files.items():
         if file is not None and not file.is_file():
             reason = "a folder" if file.is_dir() else "no such file"
-            raise _for_models(input_error(f"{file}: cannot read the trigger ({reason}; {option})"), models)
+            raise input_error(f"{file}: cannot read the trigger ({reason}; {option})").stopping(models)
 
-
-def _for_models(error: ScrubError, models: list[Path]) -> ScrubError:
-    """The error with an error entry for every model it stops."""
-    error.models = [{"path": str(path), "status": "error", "error": str(error)} for path in models]
-    return error

@@ -14,7 +14,7 @@ from backdoor_scrub import __version__
 from backdoor_scrub.checkpoint import Checkpoint, SpecOverrides, load_checkpoint
 from backdoor_scrub.contract import ExitCode
 from backdoor_scrub.data import check_images
-from backdoor_scrub.errors import ScrubError, input_error
+from backdoor_scrub.errors import ScrubError, error_entry, input_error
 from backdoor_scrub.inference import set_threads
 from backdoor_scrub.metrics import Metrics
 from backdoor_scrub.poisoned import PoisonedExamples
@@ -126,14 +126,14 @@ def for_each_model(
         try:
             check_images([folder for folder in image_folders if folder is not None], options.workers)
         except ScrubError as error:
-            error.models = [{"path": str(path), "status": "error", "error": str(error)} for path in paths]
+            error.stopping(paths)
             raise
     outcome = Outcome()
     for path in paths:
         try:
             outcome.models.append(work(load_checkpoint(path, options.overrides)))
         except ScrubError as error:
-            entry = {"path": str(path), "status": "error", "error": str(error)}
+            entry = error_entry(path, error)
             if not options.keep_going:
                 error.models = [model.entry for model in outcome.models] + [entry]
                 raise
