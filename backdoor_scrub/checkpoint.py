@@ -24,6 +24,7 @@ from backdoor_scrub.contract import (
     KEY_VERSION,
 )
 from backdoor_scrub.errors import input_error, usage_error
+from backdoor_scrub.files import make_folder
 from backdoor_scrub.safetensors_io import SafetensorsReader, open_safetensors, write_safetensors
 from backdoor_scrub.timm_models import build_timm_model, check_timm_arch, hub_folder, is_hub_folder, is_timm_arch
 from backdoor_scrub.user_code import OBJECT_NAME, import_object
@@ -324,7 +325,7 @@ class Destination:
         if self.output is not None:
             path = self.output
         elif self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(self.output_dir)
             path = self.output_dir / default_name
         else:
             path = source.parent / default_name

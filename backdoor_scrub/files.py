@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from backdoor_scrub.errors import input_error
+from backdoor_scrub.errors import ScrubError, input_error
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], None], overwrite: bool) -> None:
@@ -34,10 +34,22 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], overwrite: b
     except FileExistsError:
         raise input_error(f"{path}: already exists (use --force to overwrite)") from None
     except OSError as exc:
-        raise input_error(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        raise _cannot_write(path, exc) from exc
     finally:
         if temp_name is not None and os.path.exists(temp_name):
             os.unlink(temp_name)
+
+
+def make_folder(folder: Path) -> None:
+    """Create `folder` (and its parents) if missing; failing that, the input error `FOLDER: cannot write (reason)`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from exc
+
+
+def _cannot_write(path: Path, exc: OSError) -> ScrubError:
+    return input_error(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 def current_umask() -> int:

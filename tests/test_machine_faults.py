@@ -46,3 +46,12 @@ def test_outputs_get_the_mode_the_umask_allows(demo, tmp_path, umask, mode):
     written = [tmp_path / "model.safetensors", tmp_path / "triggers" / "class_0.png",
                tmp_path / "triggers" / "contact_sheet.png"]
     assert [stat.S_IMODE(path.stat().st_mode) for path in written] == [mode] * 3
+
+
+def test_an_output_dir_that_cannot_be_made_is_an_input_error(demo, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--trigger",
+                       demo / "trigger.png", "--output-dir", blocker / "out", "-q")
+    assert result.exit_code == 3
+    assert result.stderr.strip() == f"scrub: error: {blocker / 'out'}: cannot write (Not a directory)"

@@ -14,8 +14,7 @@ from backdoor_scrub.checkpoint import Checkpoint
 from backdoor_scrub.commands.common import RunOptions
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.data import to_unit_range, with_normalization
-from backdoor_scrub.errors import input_error
-from backdoor_scrub.files import write_atomically
+from backdoor_scrub.files import make_folder, write_atomically
 from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.scan import ClassScan, ScanSettings, reconstruct, scan
 from backdoor_scrub.triggers import Trigger
@@ -85,10 +84,7 @@ def _scan_inputs(model: torch.nn.Module, checkpoint: Checkpoint, samples: Sample
 
 def save_triggers(report: ScanReport, folder: Path, samples: Samples, class_names: tuple[str, ...] | None) -> None:
     """Write class_<k>.png (usable as --trigger) per class and contact_sheet.png for a person."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise input_error(f"{folder}: cannot write ({exc.strerror or exc})") from exc
+    make_folder(folder)
     for result in report.classes:
         png = result.trigger.to_png()
         write_atomically(folder / f"class_{result.index}.png", lambda handle, png=png: handle.write(png), True)
