@@ -10,6 +10,7 @@ from rich.progress import Progress
 from torch import nn
 
 from backdoor_scrub.data import Batch, to_unit_range
+from backdoor_scrub.inference import forward_batched
 from backdoor_scrub.metrics import Metrics, attack_success_rate, compute_metrics, infer_target, robust_accuracy
 from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.triggers import Stamp
@@ -76,7 +77,7 @@ def evaluate_poisoned(
     class is not counted, and in a flat folder every example counts as a victim.
     """
     clean = evaluate(classifier, batches, num_classes, device)
-    predictions = torch.cat([classifier(batch.to(device)).argmax(1).cpu() for batch in poisoned.images.split(batch_size)])
+    predictions = forward_batched(classifier, poisoned.images.to(device), batch_size).argmax(1).cpu()
     target = infer_target(predictions, num_classes) if target is None else target
     labels = None if poisoned.labels is None else poisoned.labels.cpu()
     victims = torch.ones(len(predictions), dtype=torch.bool) if labels is None else labels != target

@@ -44,8 +44,7 @@ class Trigger:
 
     def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Trigger:
         """The same trigger for normalized inputs: stamping commutes with (x - mean) / std."""
-        pattern = (self.pattern - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
-        return Trigger(pattern, self.mask, self.sha256)
+        return Trigger(normalized_images(self.pattern[None], mean, std)[0], self.mask, self.sha256)
 
     def provenance(self) -> dict:
         """What the history and JSON record of it: the sha256 of its source and the placed trigger as a PNG."""

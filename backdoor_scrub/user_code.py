@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import inspect
 import re
+from pathlib import Path
 from types import ModuleType
 
 from backdoor_scrub.errors import usage_error
@@ -29,6 +30,6 @@ def module_sha256(module: ModuleType) -> str | None:
     """The sha256 of the module's source file, for provenance (None when it has no file)."""
     try:
         path = inspect.getsourcefile(module)
-        return hashlib.sha256(open(path, "rb").read()).hexdigest() if path else None
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
     except (OSError, TypeError):
         return None

@@ -181,19 +181,19 @@ def step_entry(step: str, record, before: Metrics, after: Metrics, target_source
         "seed": seed,
         **({"calibration": record.calibration} if record.calibration is not None else {}),
         **({"rounds": rounds} if rounds is not None else {}),
-        "before": measured_on_samples(before, samples, target_source == "reconstructed"),
-        "after": measured_on_samples(after, samples, target_source == "reconstructed"),
+        "before": measured_on_samples(before, target_source == "reconstructed"),
+        "after": measured_on_samples(after, target_source == "reconstructed"),
         "scrub_version": __version__,
     }
 
 
-def measured_on_samples(metrics: Metrics, samples, reconstructed: bool) -> dict:
+def measured_on_samples(metrics: Metrics, reconstructed: bool) -> dict:
     """Metrics on the samples a step was fitted on, saying so; a reconstructed trigger's rates get their own names.
 
     `attack_success_rate` is only ever a rate measured with a trigger the user gave: a CI gate
     reading it must not pass a model on the strength of the tool's own reconstruction.
     """
-    measured = {**metrics.as_dict(), "images": len(samples.images), "held_out": False}
+    measured = {**metrics.as_dict(), "held_out": False}
     if reconstructed:
         measured["reconstructed_trigger_asr"] = measured["attack_success_rate"]
         measured["reconstructed_trigger_robust_accuracy"] = measured["robust_accuracy"]
