@@ -6,7 +6,6 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 
-import torch
 import torchvision
 from torch import nn
 

@@ -17,6 +17,7 @@ from backdoor_scrub.data import check_images
 from backdoor_scrub.errors import ScrubError, error_entry, input_error
 from backdoor_scrub.inference import set_threads
 from backdoor_scrub.metrics import Metrics
+from backdoor_scrub.native_memory import keep_large_buffers_mapped
 from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.trigger_functions import load_trigger_function
 from backdoor_scrub.triggers import Stamp, TriggeredCopies, load_trigger
@@ -122,6 +123,7 @@ def for_each_model(
     names every unreadable image before any model is loaded.
     """
     set_threads(options.threads)
+    keep_large_buffers_mapped()
     if not options.skip_bad_images:
         try:
             check_images([folder for folder in image_folders if folder is not None], options.workers)

@@ -29,8 +29,8 @@ from backdoor_scrub.data import (
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.inference import batch_for, resolve_device
-from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.metrics import Metrics, defense_effectiveness_rate
+from backdoor_scrub.progress import progress_reporter
 
 # Test sets up to this size once decoded are kept for every model; larger ones are streamed per model.
 KEEP_DECODED_BYTES = 256 * 2**20
