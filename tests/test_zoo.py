@@ -34,8 +34,9 @@ CLOSED_FORM_ONLY = {"maxvit_t", "vit_b_32"}
 # with the closed form only: a variant differs from its family's model in widths and depths, not in the modules
 # activation matching trains, and matching all of them (eight VGGs at about 4 minutes each) would double CI.
 VARIANTS = sorted(set(torchvision.models.list_models(module=torchvision.models)) - set(FAMILIES))
-# ViT-H/14 (632M parameters, 167 GFLOPs an image at 224 px) took 20 minutes here on one thread, ViT-L/16 about 7:
-# marked `zoo_huge`, which `make test` (and so CI) leaves out; `python -m pytest -m zoo_huge` runs them.
+# `make test` (and so CI) leaves all variants out (pyproject's addopts); `make test-variants` runs them but for
+# ViT-H/14 (632M parameters, 167 GFLOPs an image at 224 px: 20 minutes here on one thread) and ViT-L/16, which
+# `python -m pytest -m zoo_huge` runs.
 HUGE = {"vit_h_14", "vit_l_16"}
 
 
