@@ -35,7 +35,7 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# The other 58 torchvision models of the zoo test (not in `make test`: about 35 minutes on 2 cores, and
+# The other 58 torchvision models of the zoo test (not in `make test`: about 45 minutes on 2 cores, and
 # ViT-H/14 and ViT-L/16 alone, marked zoo_huge, another 30).
 test-variants: install
 	$(PYTHON) -m pytest -q -m "zoo_variants and not zoo_huge"
