@@ -36,7 +36,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 # The other 58 torchvision models of the zoo test (not in `make test`: about 45 minutes on 2 cores, and
-# ViT-H/14 and ViT-L/16 alone, marked zoo_huge, another 30).
+# ViT-H/14 and ViT-L/16, marked zoo_huge, left out: ViT-H/14 alone took 20 minutes on one thread).
 test-variants: install
 	$(PYTHON) -m pytest -q -m "zoo_variants and not zoo_huge"
 

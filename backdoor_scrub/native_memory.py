@@ -15,7 +15,7 @@ def keep_large_buffers_mapped(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
 
     By default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after
     which batches and activations are carved from the heap, whose holes it keeps: a streamed ResNet-18
-    evaluate at 224 px grew to 1,640 MiB over 12,010 images, 962 MiB with this. A fixed threshold
+    evaluate at 224 px grew to 1,640 MiB over 12,010 images, 1,112 MiB with this. A fixed threshold
     turns that adjustment off. The user's own MALLOC_MMAP_THRESHOLD_ wins; elsewhere than glibc
     (macOS, musl) nothing is changed. True when the threshold was set.
     """
