@@ -14,7 +14,8 @@ from torch.nn import functional as F
 
 from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, strength_grid
 from backdoor_scrub.errors import usage_error
-from backdoor_scrub.inference import batch_for
+from backdoor_scrub.inference import batch_for, forward_batched
+from backdoor_scrub.input_edit import InputStrength, calibrate_input_edit, input_convolution
 from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
@@ -32,6 +33,7 @@ class EditSettings:
     calibrate: bool = True
     lams: tuple[float, ...] = (1.0, 10.0)
     mus: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+    input_strengths: tuple[InputStrength, ...] = (InputStrength(1.0, 1e-4), InputStrength(10.0, 1e-4))
     folds: int = 5
     steps: int = 50
     lr: float = 3e-3
@@ -86,23 +88,45 @@ def edit_model(
     copies = copies_for(len(clean_inputs), settings.min_samples, triggers)
     clean = augment(clean_inputs, copies, seed)
     stamped = torch.cat([triggered_twins(t, clean) for t in triggers])
-    edited = copy_for_edit(model, stage + chain)
+    calibrating = settings.calibrate and len(clean_inputs) >= 2
+    first = input_convolution(model, clean_inputs[:1]) if calibrating and settings.input_strengths else None
+    edited = copy_for_edit(model, stage + chain + ([first] if first else []))
     batch_size = batch_for(settings.batch_size, clean_inputs.shape[1:])
+    calibration: dict = {}
+    if first:
+        labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
+        chosen, calibration["input_layer"] = calibrate_input_edit(
+            edited, first, clean, stamped, len(clean_inputs), labels, target, list(settings.input_strengths),
+            settings.folds, batch_size, lambda x: forward_batched(edited, x, batch_size))
+        first = first if chosen is not None else None
     if stage:
         match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size)
-    calibration = None
     if chain:
         reference = model if stage else edited
         problem, before = chain_problem(reference, edited, chain, clean, stamped, len(clean_inputs), batch_size)
         strength = Strength(settings.lam, settings.mu)
-        if settings.calibrate and len(clean_inputs) >= 2:
+        if calibrating:
             labels = before[0].argmax(1) if labels is None else labels.to(before[0].device)
             target = int(before[1].argmax(1).mode().values) if target is None else target
             grid = strength_grid(settings.lams, settings.mus)
-            strength, calibration = calibrate(problem, before, labels, target, grid, settings.folds, on_fit)
+            strength, chain_report = calibrate(problem, before, labels, target, grid, settings.folds, on_fit)
+            calibration.update(chain_report)
         problem.fit(torch.arange(len(clean)), strength)
         problem.commit()
-    return edited, EditRecord(method, stage + chain, round(time.perf_counter() - start, 3), calibration)
+    layers = ([first] if first else []) + stage + chain
+    return edited, EditRecord(method, layers, round(time.perf_counter() - start, 3), calibration or None)
+
+
+@torch.no_grad()
+def _labels_and_target(model: nn.Module, clean_inputs: torch.Tensor, trigger: Stamp | TriggeredCopies,
+                       labels: torch.Tensor | None, target: int | None, batch_size: int) -> tuple[torch.Tensor, int]:
+    """The samples' labels and the target, where not given: the model's own clean predictions, and the class
+    it gives most stamped samples."""
+    if labels is None:
+        labels = forward_batched(model, clean_inputs, batch_size).argmax(1)
+    if target is None:
+        target = int(forward_batched(model, triggered_twins(trigger, clean_inputs), batch_size).argmax(1).mode().values)
+    return labels.to(clean_inputs.device), target
 
 
 def calibration_fits(samples: int, settings: EditSettings = EditSettings()) -> int:

@@ -173,11 +173,21 @@ def _before_after(entry: dict, step: dict) -> Table:
 
 def _calibration_caption(calibration: dict) -> str:
     """What the self-calibration chose and what it measured on the held-out folds."""
-    chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}" for key, value in calibration["chosen"].items())
-    held = calibration["held_out"]
-    return (f"chosen on {calibration['folds']} held-out folds of the samples from {len(calibration['candidates'])} "
-            f"candidates: {chosen}; held-out flips {held['flips']}/{held['victims']}, changed predictions "
-            f"{held['changed']}/{held['images']}, accuracy {percent(held['accuracy'])}")
+    parts = []
+    if "input_layer" in calibration:
+        first = calibration["input_layer"]
+        chosen = first["chosen"]
+        parts.append(f"{first['layer']} " + ("left as is" if chosen is None else
+                                             f"edited (lam {chosen['lam']:g}, mu {chosen['mu']:g})"))
+    if "chosen" in calibration:
+        chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}"
+                           for key, value in calibration["chosen"].items())
+        parts.append(f"{len(calibration['candidates'])} candidates: {chosen}")
+    held = calibration.get("held_out") or calibration["input_layer"]["held_out"]
+    folds = calibration.get("folds") or calibration["input_layer"]["folds"]
+    return (f"chosen on {folds} held-out folds of the samples: {'; '.join(parts)}; held-out flips "
+            f"{held['flips']}/{held['victims']}, changed predictions {held['changed']}/{held['images']}, "
+            f"accuracy {percent(held['accuracy'])}")
 
 
 def _target(entry: dict) -> str:

@@ -115,7 +115,7 @@ def test_the_calibrated_edit_is_the_plain_edit_at_the_chosen_strength():
     model = tiny_model()
     inputs = images(20)
     calibrated, record = edit_model(model, inputs, corner_trigger(), ["fc"], "closed-form",
-                                    EditSettings(min_samples=40), 0, target=0)
+                                    EditSettings(min_samples=40, input_strengths=()), 0, target=0)
     chosen = record.calibration["chosen"]
     plain, _ = edit_model(model, inputs, corner_trigger(), ["fc"], "closed-form",
                           EditSettings(min_samples=40, calibrate=False, **chosen), 0)

@@ -30,7 +30,8 @@ def test_edit_then_repair_removes_the_backdoor_and_records_provenance(demo):
     assert entry["output"] == str(scrubbed) and scrubbed.exists()
     assert (demo / "model.safetensors").read_bytes() == original_bytes
     assert entry["target"] == 0 and entry["target_source"] == "inferred"
-    assert entry["layers"] == ["classifier.0", "classifier.3"] and entry["seconds"] > 0
+    # The demo's trigger is a patch: the calibration edits the convolution that reads the image too.
+    assert entry["layers"] == ["features.0.0", "classifier.0", "classifier.3"] and entry["seconds"] > 0
     assert entry["before"]["attack_success_rate"] > 0.9 > 0.1 > entry["after"]["attack_success_rate"]
 
     before, after = asr_on_test(demo, demo / "model.safetensors"), asr_on_test(demo, scrubbed)
@@ -120,7 +121,8 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     result = edit(demo, "--method", "activation-match", "-o", tmp_path / "am.safetensors", "--json")
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]
-    assert entry["layers"] == ["features.10", "features.11", "features.12", "classifier.0", "classifier.3"]
+    assert entry["layers"] == ["features.0.0", "features.10", "features.11", "features.12", "classifier.0",
+                               "classifier.3"]
     assert entry["after"]["attack_success_rate"] < 0.1
 
 
@@ -130,10 +132,14 @@ def test_edit_reports_and_records_the_strength_it_chose_on_held_out_folds(demo):
     calibration = json.loads(result.stdout)["models"][0]["calibration"]
     assert set(calibration["chosen"]) == {"lam", "mu"} and calibration["folds"] == 5
     assert calibration["held_out"]["images"] == 100 and calibration["held_out"]["victims"] > 0
+    first = calibration["input_layer"]
+    assert first["layer"] == "features.0.0" and first["chosen"] in [
+        {"lam": c["lam"], "mu": c["mu"]} for c in first["candidates"]]
+    assert [c["lam"] for c in first["candidates"]][-1] is None  # leaving the layer alone is a candidate
     history = load_checkpoint(demo / "model.scrubbed.safetensors").history
     assert history[0]["calibration"] == calibration
     shown = edit(demo, "-o", demo / "shown.safetensors")
-    assert "held-out folds" in shown.stdout and "mu" in shown.stdout
+    assert "held-out folds" in shown.stdout and "mu" in shown.stdout and "features.0.0 edited" in shown.stdout
 
 
 def test_repair_without_a_sample_of_the_target_class_keeps_the_edit_and_says_so(demo, tmp_path):

@@ -22,9 +22,10 @@ from backdoor_scrub.commands.common import (
 )
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import ScanReport, rescan_class, scan_checkpoint
-from backdoor_scrub.editing import calibration_fits, edit_model, resolve_method
+from backdoor_scrub.editing import EditSettings, calibration_fits, edit_model, resolve_method
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
+from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.progress import progress_reporter
 from backdoor_scrub.rounds import unlearn_in_rounds
 from backdoor_scrub.scan import ClassScan, ScanSettings, dilated
@@ -53,6 +54,17 @@ class Suspect:
     target: int | None
     source: str
     scanned: ClassScan | None = None
+
+    @property
+    def pixel_twins(self) -> bool:
+        """Whether each triggered image is its clean sample with the trigger itself applied, pixel for pixel.
+
+        Only then is the input convolution edited (editing.EditSettings.input_strengths): a
+        reconstruction is a few pixels that act like the trigger inside the network, not the trigger's
+        pixels (on the demo, unlearning them in the first convolution left the real patch at 100% ASR),
+        and a poisoned example's twin is another picture of its class.
+        """
+        return self.scanned is None and not isinstance(self.trigger, PoisonedExamples)
 
     @property
     def anomaly_index(self) -> float | None:
@@ -95,13 +107,14 @@ def _edit_suspect(
 ) -> tuple[nn.Module, dict]:
     """`model` with one suspect's trigger unlearned (a reconstruction: in checked rounds) and the history entry."""
     before = samples.measure(model, suspect.trigger, suspect.target)
+    settings = EditSettings() if suspect.pixel_twins else EditSettings(input_strengths=())
 
     def edit(triggers: list[Stamp]):
         inputs, keys, labels = samples.fitting_set(model, triggers, before.target)
         with progress_reporter(samples.options.progress, samples.options.quiet) as progress:
             task = progress.add_task("editing: calibration fits", total=calibration_fits(len(inputs)) or None)
-            return edit_model(model, inputs, keys, names, method, seed=request.seed, labels=labels,
-                              target=before.target, on_fit=lambda: progress.advance(task))
+            return edit_model(model, inputs, keys, names, method, settings, request.seed, labels, before.target,
+                              on_fit=lambda: progress.advance(task))
 
     rounds = None
     if suspect.scanned is None:
