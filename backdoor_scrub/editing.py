@@ -34,6 +34,8 @@ class EditSettings:
     lams: tuple[float, ...] = (1.0, 10.0)
     mus: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
     input_strengths: tuple[InputStrength, ...] = (InputStrength(1.0, 1e-4), InputStrength(10.0, 1e-4))
+    input_max_changed: float = 0.5  # a patch changes few of the first convolution's receptive fields
+    input_max_remaining: float = 0.5  # an input edit must stop at least half of the held-out flips
     folds: int = 5
     steps: int = 50
     lr: float = 3e-3
@@ -97,7 +99,8 @@ def edit_model(
         labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
         chosen, calibration["input_layer"] = calibrate_input_edit(
             edited, first, clean, stamped, len(clean_inputs), labels, target, list(settings.input_strengths),
-            settings.folds, batch_size, lambda x: forward_batched(edited, x, batch_size))
+            settings.folds, batch_size, lambda x: forward_batched(edited, x, batch_size), settings.input_max_changed,
+            settings.input_max_remaining)
         first = first if chosen is not None else None
     if stage:
         match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size)

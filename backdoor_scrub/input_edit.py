@@ -143,12 +143,17 @@ def calibrate_input_edit(
     max_folds: int,
     batch_size: int,
     logits: Callable[[torch.Tensor], torch.Tensor],
+    max_changed: float = 0.5,
+    max_remaining: float = 0.5,
 ) -> tuple[InputStrength | None, dict]:
     """Edit `model`'s input convolution in place with the strength that held-out folds favour, or leave it.
 
     Leaving it (None) is the last, weakest candidate and costs no pass: its held-out logits are the
     unedited model's. `clean` rows 0..samples-1 are the user's samples, later rows their augmented
     copies; the first `len(clean)` rows of `stamped` (the first trigger) score the candidates.
+    A trigger that changes more than `max_changed` of the receptive fields is not a patch (a
+    blend, stripes, noise, a warp): the layer is left alone without trying. A strength is only
+    eligible when it leaves at most `max_remaining` of the held-out flips that leaving it has.
     """
     conv = model.get_submodule(name)
     original = linear_weight(conv).clone()
@@ -156,6 +161,10 @@ def calibrate_input_edit(
     count = int(sample_folds.max()) + 1
     row_folds = sample_folds[torch.arange(len(clean)) % samples].to(clean.device)
     grams = patch_grams(conv, clean, stamped, row_folds, count, batch_size)
+    changed = (grams.stamped_count.sum() / (grams.clean_count.sum() * (len(stamped) // len(clean)))).item()
+    if changed > max_changed:
+        return None, {"layer": name, "changed_positions": round(changed, 4), "chosen": None,
+                      "reason": f"the trigger changes {changed:.0%} of the receptive fields: not a patch"}
     held_images = (clean[:samples], stamped[:samples])
     before = tuple(logits(images) for images in held_images)
     candidates: list[InputStrength | None] = [*strengths, None]
@@ -172,13 +181,18 @@ def calibrate_input_edit(
         return logits(held_images[0][held]), logits(held_images[1][held])
 
     scores, folds = cross_validate(labels, len(clean), candidates, fit, logits_of, before, target, max_folds)
-    chosen = candidates[choose_edit(scores)]
+    # An input edit is there to stop the trigger where it enters: one that leaves more than
+    # `max_remaining` of the held-out flips is not doing that, and its clean cost buys little.
+    left = scores[-1]
+    stopping = [i for i, score in enumerate(scores) if score is left or score.flips <= max_remaining * left.flips]
+    chosen = candidates[stopping[choose_edit([scores[i] for i in stopping])]]
     if chosen is None:
         set_linear_weight(conv, original.to(conv.weight.dtype))
     else:
         fit_input_edit(conv, original, grams, torch.arange(count), chosen)
     report = {
         "layer": name,
+        "changed_positions": round(changed, 4),
         "folds": folds,
         "chosen": None if chosen is None else {"lam": chosen.lam, "mu": chosen.mu},
         "held_out": scores[candidates.index(chosen)].as_dict(),

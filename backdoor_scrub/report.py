@@ -74,6 +74,8 @@ def _inspect_tables(entry: dict) -> list[Table]:
         ("history", _history(entry["history"])),
         ("edited by default", ", ".join(entry["default_edit"]["closed-form"]) or "- (no linear head layer)"),
         ("with activation-match", ", ".join(entry["default_edit"]["activation-match"]) or "-"),
+        ("input convolution", f"{entry['input_convolution']} (also edited when held-out folds favour it; a given "
+                              "trigger only)" if entry["input_convolution"] else "- (none reads the image itself)"),
     ):
         summary.add_row(label, value)
     closed_form, matched = set(entry["default_edit"]["closed-form"]), set(entry["default_edit"]["activation-match"])
@@ -177,15 +179,15 @@ def _calibration_caption(calibration: dict) -> str:
     if "input_layer" in calibration:
         first = calibration["input_layer"]
         chosen = first["chosen"]
-        parts.append(f"{first['layer']} " + ("left as is" if chosen is None else
+        left = f"left as is ({first['reason']})" if "reason" in first else "left as is"
+        parts.append(f"{first['layer']} " + (left if chosen is None else
                                              f"edited (lam {chosen['lam']:g}, mu {chosen['mu']:g})"))
-    if "chosen" in calibration:
-        chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}"
-                           for key, value in calibration["chosen"].items())
-        parts.append(f"{len(calibration['candidates'])} candidates: {chosen}")
-    held = calibration.get("held_out") or calibration["input_layer"]["held_out"]
-    folds = calibration.get("folds") or calibration["input_layer"]["folds"]
-    return (f"chosen on {folds} held-out folds of the samples: {'; '.join(parts)}; held-out flips "
+    if "chosen" not in calibration:
+        return "; ".join(parts)
+    chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}" for key, value in calibration["chosen"].items())
+    held = calibration["held_out"]
+    parts.append(f"{len(calibration['candidates'])} candidates: {chosen}")
+    return (f"chosen on {calibration['folds']} held-out folds of the samples: {'; '.join(parts)}; held-out flips "
             f"{held['flips']}/{held['victims']}, changed predictions {held['changed']}/{held['images']}, "
             f"accuracy {percent(held['accuracy'])}")
 

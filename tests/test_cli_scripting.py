@@ -76,6 +76,7 @@ def test_inspect_says_what_each_method_edits_by_default(demo):
     assert model["default_edit"]["activation-match"] == model["auto_selected"]
     table = run_scrub("inspect", demo / "model.safetensors").stdout
     assert "classifier.0 *" in table and "features.12 +" in table and "features.12 *" not in table
+    assert model["input_convolution"] == "features.0.0" and "features.0.0 (also edited" in table
 
 
 @pytest.mark.parametrize("mode, expect_lines", [("auto", True), ("lines", True), ("none", False)])

@@ -111,3 +111,18 @@ def test_a_trigger_the_first_convolution_detects_is_unlearned_there_and_clean_ou
     flips = (edited(trigger.stamp(test)).argmax(1) == target) & (clean_before != target)
     assert flips.float().mean() < 0.02
     assert (edited(test).argmax(1) == clean_before).float().mean() > 0.97
+
+
+@torch.no_grad()
+def test_a_trigger_over_the_whole_image_is_not_a_patch_and_the_input_convolution_is_left_alone():
+    model = backdoored_in_the_stem(target=2)
+    samples = grey_images(40)
+    red = torch.zeros(3, 16, 16)
+    red[0] = 1
+    blend = Trigger(red, torch.full((1, 16, 16), 0.2), "red-blend")
+    edited, record = edit_model(model, samples, blend, ["fc"], "closed-form", EditSettings(folds=4, min_samples=40),
+                                0, model(samples).argmax(1), 2)
+    first = record.calibration["input_layer"]
+    assert first["chosen"] is None and first["changed_positions"] == 1.0 and "not a patch" in first["reason"]
+    assert record.layers == ["fc"]
+    torch.testing.assert_close(edited.stem[0].weight, model.stem[0].weight, rtol=0, atol=0)

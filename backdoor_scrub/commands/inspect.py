@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from backdoor_scrub.checkpoint import Checkpoint
 from backdoor_scrub.commands.common import ModelOutcome, Outcome, RunOptions, for_each_model
 from backdoor_scrub.commands.samples import Samples
@@ -13,6 +15,7 @@ from backdoor_scrub.contract import ExitCode
 from backdoor_scrub.editing import plan_edit
 from backdoor_scrub.errors import ScrubError, usage_error
 from backdoor_scrub.inference import resolve_device
+from backdoor_scrub.input_edit import input_convolution
 from backdoor_scrub.layers import count_parameters, describe_layers
 from backdoor_scrub.scan import ScanSettings
 
@@ -77,6 +80,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> ModelOutcome:
         "auto_selected": selected,
         "default_edit": {method: edited_layers(checkpoint, selected, method)
                          for method in ("closed-form", "activation-match")},
+        "input_convolution": input_convolution(checkpoint.model, torch.zeros(1, *spec.input_size)),
     })
 
 
