@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from backdoor_scrub.calibration import choose_edit, cross_validate, fold_ids
+from backdoor_scrub.calibration import choose_edit, cross_validate, fold_ids, score_held_out
 from backdoor_scrub.linear_edit import linear_weight, set_linear_weight
 
 
@@ -152,8 +152,9 @@ def calibrate_input_edit(
     unedited model's. `clean` rows 0..samples-1 are the user's samples, later rows their augmented
     copies; the first `len(clean)` rows of `stamped` (the first trigger) score the candidates.
     A trigger that changes more than `max_changed` of the receptive fields is not a patch (a
-    blend, stripes, noise, a warp): the layer is left alone without trying. A strength is only
-    eligible when it leaves at most `max_remaining` of the held-out flips that leaving it has.
+    blend, stripes, noise, a warp), and one that flips none of the samples leaves nothing to stop:
+    the layer is left alone without trying. A strength is only eligible when it leaves at most
+    `max_remaining` of the held-out flips that leaving the layer alone has.
     """
     conv = model.get_submodule(name)
     original = linear_weight(conv).clone()
@@ -163,10 +164,12 @@ def calibrate_input_edit(
     grams = patch_grams(conv, clean, stamped, row_folds, count, batch_size)
     changed = (grams.stamped_count.sum() / (grams.clean_count.sum() * (len(stamped) // len(clean)))).item()
     if changed > max_changed:
-        return None, {"layer": name, "changed_positions": round(changed, 4), "chosen": None,
-                      "reason": f"the trigger changes {changed:.0%} of the receptive fields: not a patch"}
+        reason = f"the trigger changes {changed:.0%} of the receptive fields: not a patch"
+        return None, _left_alone(name, changed, reason)
     held_images = (clean[:samples], stamped[:samples])
     before = tuple(logits(images) for images in held_images)
+    if score_held_out(*before, *before, labels, target).flips == 0:
+        return None, _left_alone(name, changed, "the trigger flips none of the samples: nothing to stop")
     candidates: list[InputStrength | None] = [*strengths, None]
     current: list[InputStrength | None] = [None]
 
@@ -200,6 +203,11 @@ def calibrate_input_edit(
                         "changed": s.changed, "residual": round(s.residual, 4)} for c, s in zip(candidates, scores)],
     }
     return chosen, report
+
+
+def _left_alone(name: str, changed: float, reason: str) -> dict:
+    """The report of an input convolution that was not tried, and why."""
+    return {"layer": name, "changed_positions": round(changed, 4), "chosen": None, "reason": reason}
 
 
 def _keys(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:

@@ -126,3 +126,17 @@ def test_a_trigger_over_the_whole_image_is_not_a_patch_and_the_input_convolution
     assert first["chosen"] is None and first["changed_positions"] == 1.0 and "not a patch" in first["reason"]
     assert record.layers == ["fc"]
     torch.testing.assert_close(edited.stem[0].weight, model.stem[0].weight, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_trigger_that_flips_nothing_leaves_the_input_convolution_alone_without_trying():
+    model = backdoored_in_the_stem(target=2)
+    samples = grey_images(40)
+    green = torch.zeros(3, 16, 16)
+    green[1] = 1
+    mask = torch.zeros(1, 16, 16)
+    mask[:, :3, :3] = 1
+    _, record = edit_model(model, samples, Trigger(green, mask, "green-corner"), ["fc"], "closed-form",
+                           EditSettings(folds=4, min_samples=40), 0, model(samples).argmax(1), 2)
+    first = record.calibration["input_layer"]
+    assert first["chosen"] is None and "flips none" in first["reason"] and "candidates" not in first
