@@ -97,11 +97,9 @@ def edit_model(
     calibration: dict = {}
     if first:
         labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
-        chosen, calibration["input_layer"] = calibrate_input_edit(
-            edited, first, clean, stamped, len(clean_inputs), labels, target, list(settings.input_strengths),
-            settings.folds, batch_size, lambda x: forward_batched(edited, x, batch_size), settings.input_max_changed,
-            settings.input_max_remaining)
-        first = first if chosen is not None else None
+        calibration["input_layer"] = _edit_input_convolution(edited, first, clean, stamped, len(clean_inputs), labels,
+                                                             target, settings, batch_size)
+        first = first if calibration["input_layer"]["chosen"] is not None else None
     if stage:
         match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size)
     if chain:
@@ -118,6 +116,16 @@ def edit_model(
         problem.commit()
     layers = ([first] if first else []) + stage + chain
     return edited, EditRecord(method, layers, round(time.perf_counter() - start, 3), calibration or None)
+
+
+def _edit_input_convolution(edited: nn.Module, name: str, clean: torch.Tensor, stamped: torch.Tensor, samples: int,
+                            labels: torch.Tensor, target: int, settings: EditSettings, batch_size: int) -> dict:
+    """Edit `edited`'s input convolution in place where held-out folds favour it; what was chosen and why."""
+    _, report = calibrate_input_edit(
+        edited, name, clean, stamped, samples, labels, target, list(settings.input_strengths), settings.folds,
+        batch_size, lambda x: forward_batched(edited, x, batch_size), settings.input_max_changed,
+        settings.input_max_remaining)
+    return report
 
 
 @torch.no_grad()
