@@ -113,30 +113,33 @@ def test_a_trigger_the_first_convolution_detects_is_unlearned_there_and_clean_ou
     assert (edited(test).argmax(1) == clean_before).float().mean() > 0.97
 
 
-@torch.no_grad()
-def test_a_trigger_over_the_whole_image_is_not_a_patch_and_the_input_convolution_is_left_alone():
+def coloured(channel: int, mask: torch.Tensor, name: str) -> Trigger:
+    """A trigger of one pure colour channel under `mask`."""
+    pattern = torch.zeros(3, *mask.shape[-2:])
+    pattern[channel] = 1
+    return Trigger(pattern, mask, name)
+
+
+def edit_planted(trigger: Trigger) -> tuple[nn.Module, nn.Module, dict]:
+    """(the red-detector model, its edit with `trigger` from 40 grey samples, the input layer's report)."""
     model = backdoored_in_the_stem(target=2)
     samples = grey_images(40)
-    red = torch.zeros(3, 16, 16)
-    red[0] = 1
-    blend = Trigger(red, torch.full((1, 16, 16), 0.2), "red-blend")
-    edited, record = edit_model(model, samples, blend, ["fc"], "closed-form", EditSettings(folds=4, min_samples=40),
+    edited, record = edit_model(model, samples, trigger, ["fc"], "closed-form", EditSettings(folds=4, min_samples=40),
                                 0, model(samples).argmax(1), 2)
-    first = record.calibration["input_layer"]
-    assert first["chosen"] is None and first["changed_positions"] == 1.0 and "not a patch" in first["reason"]
     assert record.layers == ["fc"]
+    return model, edited, record.calibration["input_layer"]
+
+
+@torch.no_grad()
+def test_a_trigger_over_the_whole_image_is_not_a_patch_and_the_input_convolution_is_left_alone():
+    model, edited, first = edit_planted(coloured(0, torch.full((1, 16, 16), 0.2), "red-blend"))
+    assert first["chosen"] is None and first["changed_positions"] == 1.0 and "not a patch" in first["reason"]
     torch.testing.assert_close(edited.stem[0].weight, model.stem[0].weight, rtol=0, atol=0)
 
 
 @torch.no_grad()
 def test_a_trigger_that_flips_nothing_leaves_the_input_convolution_alone_without_trying():
-    model = backdoored_in_the_stem(target=2)
-    samples = grey_images(40)
-    green = torch.zeros(3, 16, 16)
-    green[1] = 1
     mask = torch.zeros(1, 16, 16)
     mask[:, :3, :3] = 1
-    _, record = edit_model(model, samples, Trigger(green, mask, "green-corner"), ["fc"], "closed-form",
-                           EditSettings(folds=4, min_samples=40), 0, model(samples).argmax(1), 2)
-    first = record.calibration["input_layer"]
+    _, _, first = edit_planted(coloured(1, mask, "green-corner"))
     assert first["chosen"] is None and "flips none" in first["reason"] and "candidates" not in first
