@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, strength_grid
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.inference import batch_for, forward_batched
-from backdoor_scrub.input_edit import InputStrength, calibrate_input_edit, input_convolution
+from backdoor_scrub.input_edit import calibrate_input_edit, input_convolution
 from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
@@ -33,7 +33,7 @@ class EditSettings:
     calibrate: bool = True
     lams: tuple[float, ...] = (1.0, 10.0)
     mus: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-    input_strengths: tuple[InputStrength, ...] = (InputStrength(1.0, 1e-4), InputStrength(10.0, 1e-4))
+    input_strengths: tuple[Strength, ...] = (Strength(1.0, 1e-4), Strength(10.0, 1e-4))
     input_max_changed: float = 0.5  # a patch changes few of the first convolution's receptive fields
     input_max_remaining: float = 0.5  # an input edit must stop at least half of the held-out flips
     folds: int = 5

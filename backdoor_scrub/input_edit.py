@@ -5,8 +5,8 @@ high-contrast square is a patch of values that clean images rarely contain, and 
 treated as a linear map of each position's receptive field, can be solved to send those patches to
 what the clean image gives at the same position while keeping every clean position's output. Later
 layers then receive (nearly) the clean activations, whatever the network would have amplified. A
-full-image trigger (a blend, stripes, noise) touches every position by little; there the solve has
-nothing to separate, and the calibration leaves the layer alone.
+full-image trigger (a blend, stripes, noise) touches every position by little; there the solve would
+have to undo it everywhere, and the layer is not tried.
 """
 
 from __future__ import annotations
@@ -19,19 +19,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from backdoor_scrub.calibration import choose_edit, cross_validate, fold_ids, score_held_out
+from backdoor_scrub.chain_edit import Strength
 from backdoor_scrub.linear_edit import linear_weight, set_linear_weight
 
 
 class _Found(Exception):
     """Raised by the probe's hook to stop the pass at the first convolution."""
-
-
-@dataclass(frozen=True)
-class InputStrength:
-    """lam weighs keeping clean positions' outputs against fixing stamped ones; mu pulls towards the weights."""
-
-    lam: float
-    mu: float
 
 
 @dataclass(frozen=True)
@@ -111,7 +104,7 @@ def patch_grams(conv: nn.Conv2d, clean: torch.Tensor, stamped: torch.Tensor, row
 
 
 def fit_input_edit(conv: nn.Conv2d, original: torch.Tensor, grams: PatchGrams, folds: torch.Tensor,
-                   strength: InputStrength) -> None:
+                   strength: Strength) -> None:
     """Write into `conv` the solve on the given folds' sums, from its original [W b] matrix.
 
     argmin_W' |W'Kt - W Kc|^2/nt + lam |W'Kc - W Kc|^2/nc + mu s |W' - W|^2, with Kt the stamped
@@ -139,13 +132,13 @@ def calibrate_input_edit(
     samples: int,
     labels: torch.Tensor,
     target: int,
-    strengths: list[InputStrength],
+    strengths: list[Strength],
     max_folds: int,
     batch_size: int,
     logits: Callable[[torch.Tensor], torch.Tensor],
     max_changed: float = 0.5,
     max_remaining: float = 0.5,
-) -> tuple[InputStrength | None, dict]:
+) -> tuple[Strength | None, dict]:
     """Edit `model`'s input convolution in place with the strength that held-out folds favour, or leave it.
 
     Leaving it (None) is the last, weakest candidate and costs no pass: its held-out logits are the
@@ -170,10 +163,10 @@ def calibrate_input_edit(
     before = tuple(logits(images) for images in held_images)
     if score_held_out(*before, *before, labels, target).flips == 0:
         return None, _left_alone(name, changed, "the trigger flips none of the samples: nothing to stop")
-    candidates: list[InputStrength | None] = [*strengths, None]
-    current: list[InputStrength | None] = [None]
+    candidates: list[Strength | None] = [*strengths, None]
+    current: list[Strength | None] = [None]
 
-    def fit(train_rows: torch.Tensor, candidate: InputStrength | None) -> None:
+    def fit(train_rows: torch.Tensor, candidate: Strength | None) -> None:
         current[0] = candidate
         if candidate is not None:
             fit_input_edit(conv, original, grams, row_folds[train_rows].unique(), candidate)

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from backdoor_scrub.chain_edit import Strength
 from backdoor_scrub.editing import EditSettings, edit_model
-from backdoor_scrub.input_edit import InputStrength, fit_input_edit, input_convolution, patch_grams
+from backdoor_scrub.input_edit import fit_input_edit, input_convolution, patch_grams
 from backdoor_scrub.linear_edit import linear_weight
 from backdoor_scrub.triggers import Trigger
 from tests.tiny_models import TinyCNN
@@ -35,7 +36,7 @@ def test_the_solve_from_per_fold_sums_is_the_stacked_least_squares_edit():
     stamped = torch.cat([red_corner(8, 3).stamp(clean), red_corner(8, 2).stamp(clean.flip(-1)).flip(-1)])
     original = linear_weight(conv).clone()
     grams = patch_grams(conv, clean, stamped, torch.tensor([0, 1, 0, 1, 0]), 2, batch_size=16)
-    strength = InputStrength(lam=3.0, mu=1e-3)
+    strength = Strength(lam=3.0, mu=1e-3)
     fit_input_edit(conv, original, grams, torch.arange(2), strength)
 
     unfold = lambda x: F.unfold(x.double(), 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 27)  # noqa: E731
