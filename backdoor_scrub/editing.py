@@ -121,11 +121,10 @@ def edit_model(
 def _edit_input_convolution(edited: nn.Module, name: str, clean: torch.Tensor, stamped: torch.Tensor, samples: int,
                             labels: torch.Tensor, target: int, settings: EditSettings, batch_size: int) -> dict:
     """Edit `edited`'s input convolution in place where held-out folds favour it; what was chosen and why."""
-    _, report = calibrate_input_edit(
+    return calibrate_input_edit(
         edited, name, clean, stamped, samples, labels, target, list(settings.input_strengths), settings.folds,
         batch_size, lambda x: forward_batched(edited, x, batch_size), settings.input_max_changed,
         settings.input_max_remaining)
-    return report
 
 
 @torch.no_grad()

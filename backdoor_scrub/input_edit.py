@@ -138,8 +138,9 @@ def calibrate_input_edit(
     logits: Callable[[torch.Tensor], torch.Tensor],
     max_changed: float = 0.5,
     max_remaining: float = 0.5,
-) -> tuple[Strength | None, dict]:
-    """Edit `model`'s input convolution in place with the strength that held-out folds favour, or leave it.
+) -> dict:
+    """Edit `model`'s input convolution in place with the strength that held-out folds favour, or leave it;
+    the report of what was chosen (`chosen` None: left alone) and why.
 
     Leaving it (None) is the last, weakest candidate and costs no pass: its held-out logits are the
     unedited model's. `clean` rows 0..samples-1 are the user's samples, later rows their augmented
@@ -158,11 +159,11 @@ def calibrate_input_edit(
     changed = (grams.stamped_count.sum() / (grams.clean_count.sum() * (len(stamped) // len(clean)))).item()
     if changed > max_changed:
         reason = f"the trigger changes {changed:.0%} of the receptive fields: not a patch"
-        return None, _left_alone(name, changed, reason)
+        return _left_alone(name, changed, reason)
     held_images = (clean[:samples], stamped[:samples])
     before = tuple(logits(images) for images in held_images)
     if score_held_out(*before, *before, labels, target).flips == 0:
-        return None, _left_alone(name, changed, "the trigger flips none of the samples: nothing to stop")
+        return _left_alone(name, changed, "the trigger flips none of the samples: nothing to stop")
     candidates: list[Strength | None] = [*strengths, None]
     current: list[Strength | None] = [None]
 
@@ -186,7 +187,7 @@ def calibrate_input_edit(
         set_linear_weight(conv, original.to(conv.weight.dtype))
     else:
         fit_input_edit(conv, original, grams, torch.arange(count), chosen)
-    report = {
+    return {
         "layer": name,
         "changed_positions": round(changed, 4),
         "folds": folds,
@@ -195,7 +196,6 @@ def calibrate_input_edit(
         "candidates": [{"lam": None if c is None else c.lam, "mu": None if c is None else c.mu, "flips": s.flips,
                         "changed": s.changed, "residual": round(s.residual, 4)} for c, s in zip(candidates, scores)],
     }
-    return chosen, report
 
 
 def _left_alone(name: str, changed: float, reason: str) -> dict:

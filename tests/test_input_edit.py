@@ -17,9 +17,14 @@ def red_corner(size: int = 16, side: int = 3) -> Trigger:
     """A pure red square in the top-left corner."""
     mask = torch.zeros(1, size, size)
     mask[:, :side, :side] = 1
-    pattern = torch.zeros(3, size, size)
-    pattern[0] = 1
-    return Trigger(pattern, mask, "red-corner")
+    return coloured(0, mask, "red-corner")
+
+
+def coloured(channel: int, mask: torch.Tensor, name: str) -> Trigger:
+    """A trigger of one pure colour channel under `mask`."""
+    pattern = torch.zeros(3, *mask.shape[-2:])
+    pattern[channel] = 1
+    return Trigger(pattern, mask, name)
 
 
 def grey_images(count: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -112,13 +117,6 @@ def test_a_trigger_the_first_convolution_detects_is_unlearned_there_and_clean_ou
     flips = (edited(trigger.stamp(test)).argmax(1) == target) & (clean_before != target)
     assert flips.float().mean() < 0.02
     assert (edited(test).argmax(1) == clean_before).float().mean() > 0.97
-
-
-def coloured(channel: int, mask: torch.Tensor, name: str) -> Trigger:
-    """A trigger of one pure colour channel under `mask`."""
-    pattern = torch.zeros(3, *mask.shape[-2:])
-    pattern[channel] = 1
-    return Trigger(pattern, mask, name)
 
 
 def edit_planted(trigger: Trigger) -> tuple[nn.Module, nn.Module, dict]:
