@@ -172,6 +172,29 @@ def _preflight(models: tuple[Path, ...], params: dict, **folders: Path | None) -
 
     folders |= {"--triggered-dir": params.get("triggered_dir"), "--poisoned-dir": params.get("poisoned_dir")}
     check_paths(list(models), folders, {"--trigger": params.get("trigger")}, params.get("keep_going", False))
+    _import_torch_holding_signals()
+
+
+def _import_torch_holding_signals() -> None:
+    """Import torch and the commands with Ctrl-C and SIGTERM held back, then raise for one that came.
+
+    An interrupt raised inside torch's import can be swallowed there, leave a half-imported module behind, or
+    make Python die by the signal after scrub has printed its error line, so it waits until the import is done.
+    """
+    held: list[int] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+    previous = {signum: signal.signal(signum, lambda number, _frame: held.append(number)) for signum in signals}
+    try:
+        import backdoor_scrub.commands.common  # noqa: F401 - torch, torchvision, safetensors, PIL
+        import backdoor_scrub.report  # noqa: F401 - rich
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in held:
+        raise Terminated()
+    if held:
+        raise KeyboardInterrupt()
 
 
 TRIGGER_SOURCES = {"trigger": "--trigger", "trigger_fn": "--trigger-fn", "triggered_dir": "--triggered-dir",
@@ -376,5 +399,12 @@ def repair(models, clean_dir, target, layer, seed, as_json, quiet, **params):
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli.main()
+    """Console-script entry point: run, flush, and leave without Python's teardown of torch (over a second)."""
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as finished:
+        code = finished.code if isinstance(finished.code, int) else int(finished.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

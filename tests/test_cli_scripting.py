@@ -49,8 +49,8 @@ def test_a_usage_error_after_parsing_is_a_json_document_with_exit_code_2(demo):
 
 
 def test_a_wrong_path_fails_before_torch_is_imported(tmp_path):
-    probe = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
-             "from backdoor_scrub.cli import main; main()")
+    probe = ("import sys\nfrom backdoor_scrub.cli import cli\n"
+             "try:\n    cli.main()\nfinally:\n    print('torch' in sys.modules, file=sys.stderr)")
     for arguments in (["evaluate", str(tmp_path / "missing.safetensors"), "--test-dir", str(tmp_path)],
                       ["edit", str(tmp_path), "--clean-dir", str(tmp_path / "typo")]):
         result = subprocess.run([sys.executable, "-c", probe, *arguments], capture_output=True, text=True)
