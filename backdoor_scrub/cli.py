@@ -233,6 +233,10 @@ def scan_options(command):
         click.option("--restarts", type=click.IntRange(1), default=3, show_default=True,
                      help="Reconstructions of each class that could be flagged, from different random starts; "
                           "its mask size is their median."),
+        click.option("--min-compactness", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                     help="A flagged class's reconstruction must keep at least this share of its mask in one "
+                          "square of side 2 sqrt(mask size): a patch does, the scattered pixels found for a "
+                          "clean class do not. 0: flag on size alone (a trigger of several far-apart pieces)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -241,7 +245,7 @@ def _scan_settings(params: dict):
     from backdoor_scrub.scan import ScanSettings
 
     return ScanSettings(steps=params.pop("scan_steps"), threshold=params.pop("threshold"),
-                        restarts=params.pop("restarts"))
+                        restarts=params.pop("restarts"), min_compactness=params.pop("min_compactness"))
 
 
 @cli.command()

@@ -90,15 +90,15 @@ def _inspect_tables(entry: dict) -> list[Table]:
 
 
 def scan_table(scan: dict, class_names: list[str] | None) -> Table:
-    """One row per class: size and success of its reconstructed trigger, anomaly index, flag."""
+    """One row per class: size, success and compactness of its reconstructed trigger, anomaly index, flag."""
     flagged = ", ".join(map(str, scan["flagged"])) or "none"
     table = Table(title=f"trigger reconstruction ({scan['seconds']:.0f} s): flagged {flagged}")
-    for column in ("class", "mask L1", "reconstruction ASR", "anomaly index", "flagged"):
+    for column in ("class", "mask L1", "reconstruction ASR", "anomaly index", "compactness", "flagged"):
         table.add_column(column, justify="left" if column in ("class", "flagged") else "right")
     for row in scan["classes"]:
         name = f"{row['class']} {class_names[row['class']]}" if class_names else str(row["class"])
         table.add_row(name, f"{row['mask_l1']:.1f}", percent(row["reconstruction_asr"]),
-                      f"{row['anomaly_index']:.2f}", "FLAGGED" if row["flagged"] else "")
+                      f"{row['anomaly_index']:.2f}", f"{row['compactness']:.2f}", "FLAGGED" if row["flagged"] else "")
     return table
 
 

@@ -24,7 +24,9 @@ class ScanSettings:
     `restarts`: reconstructions of each class that could be flagged (the first pass gives one to every
     class; the others stop there). `min_spread`: the anomaly index's scale (log units) is at least
     this, so that classes clustered by chance cannot make a small MAD flag a clean one; ln(2)/2 with
-    the threshold of 2 means a flagged class has less than half the median mask size.
+    the threshold of 2 means a flagged class has less than half the median mask size. `min_compactness`:
+    a flagged class's reconstruction also keeps at least this share of its mask in one square (see
+    `compactness`); 0 turns the check off.
     """
 
     steps: int = 150
@@ -38,6 +40,7 @@ class ScanSettings:
     success_goal: float = 0.95
     threshold: float = 2.0
     min_spread: float = math.log(2) / 2
+    min_compactness: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,15 @@ class ClassScan:
     mask_l1: float
     reconstruction_asr: float
     anomaly_index: float
+    compactness: float
     flagged: bool
     family: tuple[Trigger, ...] = ()
 
     def as_dict(self) -> dict:
         """The JSON fields of this class."""
         return {"class": self.index, "mask_l1": self.mask_l1, "reconstruction_asr": self.reconstruction_asr,
-                "anomaly_index": self.anomaly_index, "flagged": self.flagged,
+                "anomaly_index": self.anomaly_index, "compactness": round(self.compactness, 4),
+                "flagged": self.flagged,
                 "restart_mask_l1": [round(mask_l1(t), 3) for t in self.family]}
 
 
@@ -73,6 +78,7 @@ def scan(
     Every class gets one reconstruction. Classes that are clearly not outliers stop there (K-Arm's
     early exit); the others get `restarts - 1` more from other random starts, and their mask norm is
     the median over their restarts, so that one lucky or unlucky optimisation cannot decide the verdict.
+    A flagged class is anomalously small and compact (both medians over its restarts).
     """
     classes = list(range(num_classes))
     runs = {c: [t] for c, t in zip(classes, reconstruct(classifier, images, labels, classes, settings, seed,
@@ -91,9 +97,11 @@ def scan(
         family = tuple(sorted(runs[index], key=mask_l1))
         success = [reconstruction_asr(classifier, images, labels, trigger, index) for trigger in family]
         best = next((i for i, rate in enumerate(success) if rate >= settings.success_goal), success.index(max(success)))
-        flagged = bool(norms[index] < norms.median() and anomaly[index] > settings.threshold)
+        compact = statistics.median(compactness(trigger) for trigger in family)
+        flagged = bool(norms[index] < norms.median() and anomaly[index] > settings.threshold
+                       and compact >= settings.min_compactness)
         results.append(ClassScan(index, family[best], norms[index].item(), success[best], anomaly[index].item(),
-                                 flagged, family))
+                                 compact, flagged, family))
     return results
 
 
@@ -121,6 +129,22 @@ def residual_anomaly(norms: torch.Tensor, index: int, norm: float, settings: Sca
 def mask_l1(trigger: Trigger) -> float:
     """The size of a reconstructed trigger: the sum of its mask."""
     return trigger.mask.sum().item()
+
+
+def compactness(trigger: Trigger) -> float:
+    """The share of the mask inside its densest square of side 2 sqrt(mask size), and at least 1/8 of the image.
+
+    A patch trigger is reconstructed as one blob (its whole mask fits such a square: 0.71-1.0 on the
+    tuning and report models), while the small masks a scan finds for a clean class are pixels
+    scattered over the image (0.17-0.44 below the median size). TABOR penalises scattered
+    reconstructions for the same reason.
+    """
+    mask = trigger.mask.double()
+    total = mask.sum().item()
+    side = min(mask.shape[-2:])
+    window = int(min(side, max(math.ceil(side / 8), math.ceil(2 * math.sqrt(total)))))
+    densest = F.avg_pool2d(mask[None], window, stride=1).max().item() * window**2
+    return densest / total if total > 0 else 0.0
 
 
 def _median_norms(runs: dict[int, list[Trigger]]) -> torch.Tensor:

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from backdoor_scrub import scan as scan_module
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
 from backdoor_scrub.data import load_image_folder
 from backdoor_scrub.rounds import unlearn_in_rounds
-from backdoor_scrub.scan import ClassScan, ScanSettings, anomaly_indices, residual_anomaly
+from backdoor_scrub.scan import ClassScan, ScanSettings, anomaly_indices, compactness, residual_anomaly
 from backdoor_scrub.triggers import Trigger
 from tests.conftest import run_scrub, write_model
 from tests.tiny_models import wide_cnn
@@ -48,6 +49,39 @@ def test_residual_anomaly_replaces_the_class_norm_and_is_zero_above_the_median()
     assert residual_anomaly(norms, 4, 70.0, settings) == 0.0
 
 
+def _mask(pixels: list[tuple[int, int]], value: float = 1.0, side: int = 32) -> Trigger:
+    mask = torch.zeros(1, side, side)
+    for y, x in pixels:
+        mask[0, y, x] = value
+    return Trigger(torch.zeros(3, side, side), mask, "")
+
+
+PATCH = [(y, x) for y in range(28, 31) for x in range(28, 31)]  # a 3x3 square in a corner
+SCATTERED = [(y, x) for y in range(1, 32, 10) for x in range(1, 32, 10)][:9]  # nine pixels 10 apart
+
+
+def test_compactness_is_one_for_a_patch_whatever_its_opacity_and_low_for_scattered_pixels():
+    assert compactness(_mask(PATCH)) == pytest.approx(1.0)
+    assert compactness(_mask(PATCH, 0.3)) == pytest.approx(1.0)
+    assert compactness(_mask(SCATTERED)) == pytest.approx(1 / 9)  # a 6x6 square holds one of them
+    assert compactness(_mask(PATCH + [(0, 0)])) == pytest.approx(9 / 10)
+    assert compactness(_mask([])) == 0.0
+
+
+def test_a_small_but_scattered_reconstruction_is_not_flagged_unless_compactness_is_off(monkeypatch):
+    large = [(y, x) for y in range(8, 16) for x in range(8, 16)]  # 64 pixels: the clean classes
+    found = {0: _mask(PATCH), 1: _mask(SCATTERED)}
+    monkeypatch.setattr(scan_module, "reconstruct", lambda _c, _i, _l, classes, *a, **k: [
+        found.get(c, _mask(large)) for c in classes])
+    monkeypatch.setattr(scan_module, "reconstruction_asr", lambda *a: 1.0)
+    images, labels = torch.zeros(10, 3, 32, 32), torch.arange(10)
+    results = scan_module.scan(None, images, labels, 10, ScanSettings())
+    assert [r.index for r in results if r.flagged] == [0]
+    assert results[1].anomaly_index > 2 and results[1].compactness < 0.5
+    everything = scan_module.scan(None, images, labels, 10, ScanSettings(min_compactness=0.0))
+    assert [r.index for r in everything if r.flagged] == [0, 1]
+
+
 def _square(size: int, value: float) -> Trigger:
     mask = torch.zeros(1, 8, 8)
     mask[0, :size, :size] = value
@@ -56,7 +90,7 @@ def _square(size: int, value: float) -> Trigger:
 
 def _rounds_of(residual_sizes: list[int], max_rounds: int):
     """unlearn_in_rounds with fake edits and rescans whose residual triggers have the given sizes."""
-    flagged = ClassScan(0, _square(1, 1.0), 1.0, 1.0, 5.0, True, (_square(1, 1.0), _square(2, 0.5)))
+    flagged = ClassScan(0, _square(1, 1.0), 1.0, 1.0, 5.0, 1.0, True, (_square(1, 1.0), _square(2, 0.5)))
     norms = torch.tensor([1.0, 40.0, 41.0, 39.0, 40.0])
     edits: list[int] = []
 
@@ -115,6 +149,7 @@ def test_scan_flags_the_demo_target_and_saves_usable_triggers(demo, tmp_path):
     assert max(len(r["restart_mask_l1"]) for c, r in rows.items() if r["mask_l1"] > rows[0]["mask_l1"] * 3) == 1
     assert rows[0]["anomaly_index"] > 2 and rows[0]["mask_l1"] < min(r["mask_l1"] for c, r in rows.items() if c)
     assert rows[0]["reconstruction_asr"] > 0.5
+    assert rows[0]["compactness"] >= scan["min_compactness"] == 0.5  # the demo's patch is one blob
     assert sorted(p.name for p in (tmp_path / "triggers").iterdir()) == sorted(
         [f"class_{k}.png" for k in range(10)] + ["contact_sheet.png"])
     evaluation = run_scrub("evaluate", demo / "model.safetensors", "--test-dir", demo / "test",

@@ -83,7 +83,7 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
         samples = Samples.load(request.clean_dir, checkpoint, device, options, allow_unlabeled=True,
                                triggered_dir=request.trigger.triggered_dir)
         suspects, report = _suspects(checkpoint, samples, request, options)
-        scan = None if report is None else report.as_dict(request.scan.threshold)
+        scan = None if report is None else report.as_dict(request.scan)
         if not suspects:
             return ModelOutcome({"path": str(checkpoint.path), "input": str(checkpoint.path), "output": None,
                                  "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,

@@ -39,10 +39,11 @@ class ScanReport:
         """The classes whose reconstructed trigger is anomalously small."""
         return [result for result in self.classes if result.flagged]
 
-    def as_dict(self, threshold: float) -> dict:
+    def as_dict(self, settings: ScanSettings) -> dict:
         """The `scan` JSON object."""
         return {"classes": [c.as_dict() for c in self.classes], "flagged": [c.index for c in self.flagged],
-                "threshold": threshold, "seconds": round(self.seconds, 3)}
+                "threshold": settings.threshold, "min_compactness": settings.min_compactness,
+                "seconds": round(self.seconds, 3)}
 
 
 def scan_checkpoint(
