@@ -37,7 +37,7 @@ class ScrubGroup(click.Group):
             with click.Context(self, info_name=prog_name or "scrub", **self.context_settings) as context:
                 click.echo(self.get_help(context))
             sys.exit(0)
-        in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        in_main_thread = _in_main_thread()
         previous_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
         try:
             code = super().main(args, prog_name or "scrub", standalone_mode=False, **extra)
@@ -61,6 +61,11 @@ class ScrubGroup(click.Group):
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous_handler)
         sys.exit(int(code or 0))
+
+
+def _in_main_thread() -> bool:
+    """Whether this is the main thread, the only one that may set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def _terminate(_signum, _frame) -> None:
@@ -182,8 +187,7 @@ def _import_torch_holding_signals() -> None:
     make Python die by the signal after scrub has printed its error line, so it waits until the import is done.
     """
     held: list[int] = []
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+    signals = (signal.SIGINT, signal.SIGTERM) if _in_main_thread() else ()
     previous = {signum: signal.signal(signum, lambda number, _frame: held.append(number)) for signum in signals}
     try:
         import backdoor_scrub.commands.common  # noqa: F401 - torch, torchvision, safetensors, PIL
