@@ -120,10 +120,12 @@ def choose_edit(scores: list[HeldOut]) -> int:
 
 
 def choose_repair(scores: list[HeldOut], unrepaired: HeldOut) -> int | None:
-    """The candidate with the most held-out samples right and no more flips than no repair; None: no repair."""
-    allowed = [i for i, score in enumerate(scores) if score.flips <= unrepaired.flips]
-    best = max(allowed, key=lambda i: (scores[i].correct, scores[i].target_correct, i), default=None)
-    if best is None or (scores[best].correct, scores[best].target_correct) <= (unrepaired.correct,
-                                                                               unrepaired.target_correct):
+    """The candidate with the most held-out target-class samples right, then the most samples right, and no
+    fewer samples right and no more flips than no repair; None: no candidate beats no repair."""
+    allowed = [i for i, score in enumerate(scores)
+               if score.flips <= unrepaired.flips and score.correct >= unrepaired.correct]
+    best = max(allowed, key=lambda i: (scores[i].target_correct, scores[i].correct, i), default=None)
+    if best is None or (scores[best].target_correct, scores[best].correct) <= (unrepaired.target_correct,
+                                                                               unrepaired.correct):
         return None
     return best

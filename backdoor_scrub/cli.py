@@ -390,9 +390,11 @@ def edit(models, clean_dir, target, layers, method, seed, rounds, as_json, quiet
 @model_options
 @run_options
 def repair(models, clean_dir, target, layer, seed, as_json, quiet, **params):
-    """Restore the classes an edit hurt, without giving the backdoor back.
+    """Restore the target class an edit may have hurt, without giving the backdoor back.
 
-    Reads target, trigger and edited layers from the scrub.history of each edited model;
+    Only the target class's margins are raised (other classes' logits are kept, and stamped
+    samples keep their true class); the edit's weights are kept unless a repair beats them on
+    held-out folds of the samples. Reads target, trigger and edited layers from the scrub.history of each edited model;
     flags override them. Writes <stem>.repaired.safetensors beside each model.
     """
     _preflight(models, params, **{"--clean-dir": clean_dir})

@@ -72,9 +72,19 @@ def test_the_edit_choice_needs_the_fewest_flips_then_does_the_least_damage():
 
 
 def test_the_repair_choice_is_none_unless_it_beats_no_repair_without_new_flips():
-    unrepaired = HeldOut(correct=80, flips=1)
-    assert choose_repair([HeldOut(correct=80, flips=1), HeldOut(correct=79, flips=0)], unrepaired) is None
-    assert choose_repair([HeldOut(correct=85, flips=3), HeldOut(correct=82, flips=1)], unrepaired) == 1
+    unrepaired = HeldOut(correct=80, flips=1, target_correct=7)
+    assert choose_repair([HeldOut(correct=80, flips=1, target_correct=7),
+                          HeldOut(correct=79, flips=0, target_correct=7)], unrepaired) is None
+    assert choose_repair([HeldOut(correct=85, flips=3, target_correct=9),
+                          HeldOut(correct=82, flips=1, target_correct=7)], unrepaired) == 1
+
+
+def test_the_repair_choice_puts_the_target_class_first_but_never_below_no_repair():
+    unrepaired = HeldOut(correct=80, flips=1, target_correct=6)
+    more_overall = HeldOut(correct=84, flips=1, target_correct=6)
+    more_on_target = HeldOut(correct=81, flips=1, target_correct=8)
+    target_at_a_cost = HeldOut(correct=79, flips=1, target_correct=9)  # fewer held-out samples right than no repair
+    assert choose_repair([more_overall, more_on_target, target_at_a_cost], unrepaired) == 1
 
 
 def test_the_head_tail_reproduces_the_logits_and_an_unusual_forward_falls_back_to_the_whole_model():

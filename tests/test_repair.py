@@ -48,3 +48,27 @@ def test_a_strong_pull_keeps_the_head_almost_unchanged():
     labels = torch.zeros(12, dtype=torch.long)
     repaired, _ = repair_model(model, inputs, labels, corner_trigger(), "fc", RepairSettings(mu=1e6, min_samples=0))
     assert torch.allclose(repaired.fc.weight, model.fc.weight, atol=1e-4)
+
+
+def test_with_a_target_only_its_margins_are_restored_and_other_classes_logits_are_kept():
+    model = tiny_model()
+    inputs = images(6)  # 12 key columns (clean and stamped) for 17 weights per class: the solve fits exactly
+    with torch.no_grad():
+        labels = model(inputs).argmax(1)
+        before = model(inputs)
+    labels[:4] = (labels[:4] + 1 + torch.arange(4) % 2) % 3  # four samples the model gets wrong, of two classes
+    target = int(labels[0])
+    others = labels != target
+    assert (labels[:4] != target).any()
+    settings = RepairSettings(mu=1e-6, min_samples=0, calibrate=False)
+    every_class, _ = repair_model(model, inputs, labels, corner_trigger(), "fc", settings)
+    target_only, _ = repair_model(model, inputs, labels, corner_trigger(), "fc", settings, target=target)
+    with torch.no_grad():
+        moved = {name: net(inputs) - before for name, net in [("all", every_class), ("target", target_only)]}
+    rows = torch.arange(len(labels))
+    assert moved["target"][rows[~others], target].min() > 0  # the target class's samples gain
+    wrong = others & (before.argmax(1) != labels)  # other classes' samples the model gets wrong
+    own_gain = {name: change[rows[wrong], labels[wrong]] for name, change in moved.items()}
+    assert own_gain["all"].min() > 0.01  # restoring every class raises theirs
+    assert (own_gain["target"] < 0.5 * own_gain["all"]).all()  # restoring the target leaves them (only their
+    # stamped twins still keep their true class)

@@ -1,4 +1,4 @@
-"""`scrub repair`: restore the classes an edit hurt, reading target, trigger and layers from provenance."""
+"""`scrub repair`: restore the target class an edit may have hurt, reading target, trigger and layers from provenance."""
 
 from __future__ import annotations
 
