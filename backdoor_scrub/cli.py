@@ -394,8 +394,9 @@ def repair(models, clean_dir, target, layer, seed, as_json, quiet, **params):
 
     Only the target class's margins are raised (other classes' logits are kept, and stamped
     samples keep their true class); the edit's weights are kept unless a repair beats them on
-    held-out folds of the samples. Reads target, trigger and edited layers from the scrub.history of each edited model;
-    flags override them. Writes <stem>.repaired.safetensors beside each model.
+    held-out folds of the samples. Reads target, trigger and edited layers from the
+    scrub.history of each edited model; flags override them. Writes
+    <stem>.repaired.safetensors beside each model.
     """
     _preflight(models, params, **{"--clean-dir": clean_dir})
     from backdoor_scrub.commands.repair import run_repair
