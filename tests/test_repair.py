@@ -52,7 +52,7 @@ def test_a_strong_pull_keeps_the_head_almost_unchanged():
 
 def test_with_a_target_only_its_margins_are_restored_and_other_classes_logits_are_kept():
     model = tiny_model()
-    inputs = images(6)  # 12 key columns (clean and stamped) for 17 weights per class: the solve fits exactly
+    inputs = images(6)  # few samples for the head's 17 weights per class: the solve comes close to its values
     with torch.no_grad():
         labels = model(inputs).argmax(1)
         before = model(inputs)
