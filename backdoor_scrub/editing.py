@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, strength_grid
 from backdoor_scrub.errors import usage_error
-from backdoor_scrub.inference import batch_for, forward_batched
+from backdoor_scrub.inference import batch_for, fast_layout, forward_batched
 from backdoor_scrub.input_edit import calibrate_input_edit, input_convolution
 from backdoor_scrub.layers import is_linear_map
 from backdoor_scrub.triggers import Stamp, TriggeredCopies
@@ -252,8 +252,9 @@ def capture(model: nn.Module, names: list[str], images: torch.Tensor, batch_size
         handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: inputs[n].append(args[0].clone())))
         handles.append(module.register_forward_hook(lambda _m, _a, out, n=name: outputs[n].append(out.clone())))
     try:
-        for batch in images.split(batch_size):
-            model.eval()(batch)
+        with fast_layout(model, images.device):
+            for batch in images.split(batch_size):
+                model.eval()(batch)
     finally:
         for handle in handles:
             handle.remove()

@@ -10,7 +10,7 @@ from rich.progress import Progress
 from torch import nn
 
 from backdoor_scrub.data import Batch, to_unit_range
-from backdoor_scrub.inference import forward_batched
+from backdoor_scrub.inference import fast_layout, forward_batched
 from backdoor_scrub.metrics import Metrics, attack_success_rate, compute_metrics, infer_target, robust_accuracy
 from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.triggers import Stamp
@@ -38,20 +38,21 @@ def evaluate(
     classifier.to(device).eval()
     task = progress.add_task("evaluating", total=total) if progress else None
     labels, clean, stamped, stamped_labels, attacked = [], [], [], [], trigger is not None
-    for images, batch_labels, twins in batches:
-        inputs = to_unit_range(images.to(device))
-        labels.append(batch_labels)
-        clean.append(classifier(inputs).argmax(1).cpu())
-        attacked = attacked or twins is not None
-        if attacked:
-            victims = (batch_labels != target) if target is not None else torch.ones_like(batch_labels, dtype=torch.bool)
-            if victims.any():
-                victim_rows = victims.to(device)
-                triggered = trigger.stamp(inputs[victim_rows]) if twins is None else to_unit_range(twins[victims].to(device))
-                stamped.append(classifier(triggered).argmax(1).cpu())
-                stamped_labels.append(batch_labels[victims])
-        if progress:
-            progress.advance(task, len(images))
+    with fast_layout(classifier, device):
+        for images, batch_labels, twins in batches:
+            inputs = to_unit_range(images.to(device))
+            labels.append(batch_labels)
+            clean.append(classifier(inputs).argmax(1).cpu())
+            attacked = attacked or twins is not None
+            if attacked:
+                victims = (batch_labels != target) if target is not None else torch.ones_like(batch_labels, dtype=torch.bool)
+                if victims.any():
+                    victim_rows = victims.to(device)
+                    triggered = trigger.stamp(inputs[victim_rows]) if twins is None else to_unit_range(twins[victims].to(device))
+                    stamped.append(classifier(triggered).argmax(1).cpu())
+                    stamped_labels.append(batch_labels[victims])
+            if progress:
+                progress.advance(task, len(images))
     labels_all, clean_all = _cat(labels), _cat(clean)
     if not attacked:
         return compute_metrics(clean_all, labels_all, num_classes)

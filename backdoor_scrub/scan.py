@@ -12,6 +12,7 @@ from rich.progress import Progress
 from torch import nn
 from torch.nn import functional as F
 
+from backdoor_scrub.inference import fast_layout
 from backdoor_scrub.triggers import Trigger
 
 MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a normal distribution's sigma
@@ -193,24 +194,25 @@ def reconstruct(
     targets = torch.tensor(classes, device=device)
     task = progress.add_task(label, total=settings.steps) if progress else None
     classifier.eval()
-    for step in range(settings.steps):
-        batch = torch.randperm(len(images), generator=generator)[: settings.batch_size].to(device)
-        mask, pattern = torch.sigmoid(mask_logits), torch.sigmoid(pattern_logits)
-        stamped = images[batch][None] * (1 - mask[:, None]) + (mask * pattern)[:, None]
-        logits = classifier(stamped.flatten(0, 1)).view(num_classes, len(batch), -1)
-        others = (labels[batch][None] != targets[:, None]).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(len(batch)), reduction="none")
-        ce = (ce.view(num_classes, -1) * others).sum(1) / others.sum(1).clamp_min(1)
-        size = mask.flatten(1).mean(1)
-        loss = (ce + cost * size).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            hits = ((logits.argmax(2) == targets[:, None]).float() * others).sum(1) / others.sum(1).clamp_min(1)
-            cost = _adapt_cost(cost, hits, step, settings)
-        if progress:
-            progress.advance(task)
+    with fast_layout(classifier, device):
+        for step in range(settings.steps):
+            batch = torch.randperm(len(images), generator=generator)[: settings.batch_size].to(device)
+            mask, pattern = torch.sigmoid(mask_logits), torch.sigmoid(pattern_logits)
+            stamped = images[batch][None] * (1 - mask[:, None]) + (mask * pattern)[:, None]
+            logits = classifier(stamped.flatten(0, 1)).view(num_classes, len(batch), -1)
+            others = (labels[batch][None] != targets[:, None]).float()
+            ce = F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(len(batch)), reduction="none")
+            ce = (ce.view(num_classes, -1) * others).sum(1) / others.sum(1).clamp_min(1)
+            size = mask.flatten(1).mean(1)
+            loss = (ce + cost * size).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                hits = ((logits.argmax(2) == targets[:, None]).float() * others).sum(1) / others.sum(1).clamp_min(1)
+                cost = _adapt_cost(cost, hits, step, settings)
+            if progress:
+                progress.advance(task)
     masks, patterns = torch.sigmoid(mask_logits).detach(), torch.sigmoid(pattern_logits).detach()
     return [_as_trigger(mask, pattern) for mask, pattern in zip(masks, patterns)]
 
