@@ -97,8 +97,9 @@ def edit_model(
     calibration: dict = {}
     if first:
         labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
-        calibration["input_layer"] = _edit_input_convolution(edited, first, clean, stamped, len(clean_inputs), labels,
-                                                             target, settings, batch_size)
+        with fast_layout(edited, clean.device):  # once for all of the calibration's passes
+            calibration["input_layer"] = _edit_input_convolution(edited, first, clean, stamped, len(clean_inputs),
+                                                                 labels, target, settings, batch_size)
         first = first if calibration["input_layer"]["chosen"] is not None else None
     if stage:
         match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size)

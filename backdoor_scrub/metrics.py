@@ -20,6 +20,7 @@ class Metrics:
     robust_accuracy: float | None = None
     target: int | None = None
     target_class_accuracy: float | None = None
+    clean_target_rate: float | None = None  # the same images as ASR's, unstamped, assigned to the target
 
     def as_dict(self) -> dict:
         """The JSON fields of these metrics."""
@@ -42,6 +43,16 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
 def attack_success_rate(stamped_predictions: torch.Tensor, target: int) -> float:
     """Fraction of stamped non-target images assigned to the target."""
     return (stamped_predictions == target).double().mean().item()
+
+
+def clean_target_rate(clean_predictions: torch.Tensor, labels: torch.Tensor, target: int) -> float:
+    """Fraction of the non-target images assigned to the target without a trigger: ASR's floor.
+
+    A model that confuses other classes with the target does so stamped or not; ASR cannot fall
+    below this rate by removing a backdoor, and a clean model shows about this ASR for any trigger.
+    """
+    others = labels != target
+    return (clean_predictions[others] == target).double().mean().item() if others.any() else float("nan")
 
 
 def robust_accuracy(stamped_predictions: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,4 +98,5 @@ def compute_metrics(
         robust_accuracy=robust_accuracy(stamped_predictions, victims),
         target=target,
         target_class_accuracy=per_class[target],
+        clean_target_rate=clean_target_rate(clean_predictions, labels, target),
     )

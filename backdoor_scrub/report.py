@@ -17,6 +17,7 @@ from backdoor_scrub.contract import SCHEMA_VERSION
 METRIC_ROWS = (
     ("clean accuracy", "clean_accuracy"),
     ("attack success rate", "attack_success_rate"),
+    ("  its floor: target, no trigger", "clean_target_rate"),
     ("robust accuracy", "robust_accuracy"),
     ("target-class accuracy", "target_class_accuracy"),
 )

@@ -21,6 +21,10 @@ Measured on the whole test folder, against the true target:
 - scan + edit (no trigger) for patch (badnets) and clean models at the largest k, draw 0, once per
   `--scan-seeds` seed: `edit` without `--trigger`, with the classes its scan flagged.
 
+Beside ASR, its floor: the share of the same images the defended model assigns to the target with
+no trigger at all (evaluate's `clean_target_rate`). ASR cannot fall below it by removing a backdoor,
+and on models of 81-87% CA it is 1-8% here; "ASR over its floor" is what the trigger still causes.
+
 Seconds are divided by one fresh `python -m backdoor_scrub evaluate` of the test folder, timed
 in the same run. Writes results.json (every row), benchmark.md (per-model rows and a summary
 with the median and the worst case of every column) and benchmark.png (matplotlib, optional
@@ -111,6 +115,12 @@ class Row:
     seed: int = 0
     flagged: list[int] | None = None
     true_target: int | None = None
+    asr_floor: float | None = None  # non-target test images the defended model sends to the target unstamped
+
+    @property
+    def asr_over_floor(self) -> float | None:
+        """ASR minus its floor: the part of ASR the trigger still causes."""
+        return None if self.asr_floor is None else self.attack_success_rate - self.asr_floor
 
     @property
     def ratio(self) -> float | None:
@@ -208,12 +218,12 @@ def scan_and_edit(model: ModelFolder, subset: Path, workdir: Path, seed: int) ->
     return (load_checkpoint(output).model if output.exists() else model.checkpoint.model), seconds, flagged
 
 
-def measure(model: ModelFolder, network: nn.Module) -> tuple[float, float, float]:
-    """(CA, ASR, target-class accuracy) of `network` on the test folder, with the true target."""
+def measure(model: ModelFolder, network: nn.Module) -> tuple[float, float, float, float]:
+    """(CA, ASR, target-class accuracy, ASR's floor) of `network` on the test folder, with the true target."""
     classifier = with_normalization(network, model.checkpoint.spec)
     metrics = evaluate(classifier, model.test.batches(256), model.checkpoint.spec.num_classes, DEVICE,
                        trigger=model.trigger, target=model.target)
-    return metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_class_accuracy
+    return metrics.clean_accuracy, metrics.attack_success_rate, metrics.target_class_accuracy, metrics.clean_target_rate
 
 
 def freeze_batchnorm(network: nn.Module) -> nn.Module:
@@ -275,14 +285,13 @@ def defenses(model: ModelFolder, per_class: int, draw: int, last_k: bool, args) 
 def benchmark_model(model: ModelFolder, args: argparse.Namespace) -> list[Row]:
     """All rows of one model: no defense, then each defense at each sample count and draw."""
     evaluate_seconds = time_evaluate(model)
-    base_ca, base_asr, base_target = measure(model, model.checkpoint.model)
+    base = measure(model, model.checkpoint.model)
 
     def row(per_class: int, draw: int, defense: str, network: nn.Module | None, seconds: float | None,
             seed: int = 0, flagged: list[int] | None = None) -> Row:
-        ca, asr, target = (base_ca, base_asr, base_target) if network is None else measure(model, network)
+        ca, asr, target, floor = base if network is None else measure(model, network)
         return Row(model.name, model.checkpoint.spec.arch, model.attack, per_class, draw, defense, ca, asr, target,
-                   ca - base_ca, target - base_target, seconds, evaluate_seconds, seed, flagged,
-                   model.target)
+                   ca - base[0], target - base[2], seconds, evaluate_seconds, seed, flagged, model.target, floor)
 
     rows = [row(0, 0, "no defense", None, None)]
     for per_class in args.samples:
@@ -302,30 +311,33 @@ def percent(value: float | None, signed: bool = False) -> str:
 
 def model_table(rows: list[Row]) -> str:
     """Every row as a markdown table."""
-    lines = ["| model | arch | attack | samples/class | draw | defense | CA | CA change (pt) | ASR | "
-             "target-class change (pt) | seconds | ÷ evaluate |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | arch | attack | samples/class | draw | defense | CA | CA change (pt) | ASR | ASR floor | "
+             "target-class change (pt) | seconds | ÷ evaluate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seconds = "–" if r.seconds is None else f"{r.seconds:.1f}"
         ratio = "–" if r.ratio is None else f"{r.ratio:.2f}"
         lines.append(f"| {r.model} | {r.arch} | {r.attack} | {r.samples or '–'} | {r.draw} | {r.defense} | "
                      f"{percent(r.clean_accuracy)} | {percent(r.ca_change, True)} | {percent(r.attack_success_rate)} | "
-                     f"{percent(r.target_change, True)} | {seconds} | {ratio} |")
+                     f"{percent(r.asr_floor)} | {percent(r.target_change, True)} | {seconds} | {ratio} |")
     return "\n".join(lines)
 
 
 def summary_table(rows: list[Row]) -> str:
     """Per (samples/class, defense): median and worst over backdoored models and draws of each column."""
     rows = [r for r in rows if r.attack != "none"]
-    lines = ["| samples/class | defense | runs | ASR median / worst | CA change median / worst (pt) | "
-             "target-class change median / worst (pt) | ÷ evaluate median / worst |", "|---|---|---|---|---|---|---|"]
+    lines = ["| samples/class | defense | runs | ASR median / worst | ASR over its floor median / worst (pt) | "
+             "CA change median / worst (pt) | target-class change median / worst (pt) | ÷ evaluate median / worst |",
+             "|---|---|---|---|---|---|---|---|"]
     groups = dict.fromkeys((r.samples, r.defense) for r in rows if r.defense != "no defense")
     for samples, defense in sorted(groups, key=lambda g: (g[0], DEFENSES.index(g[1]))):
         group = [r for r in rows if (r.samples, r.defense) == (samples, defense)]
         asr = [r.attack_success_rate for r in group]
+        over = [r.asr_over_floor for r in group if r.asr_over_floor is not None]
+        over_cell = f"{percent(statistics.median(over), True)} / {percent(max(over), True)}" if over else "–"
         ca, target = [r.ca_change for r in group], [r.target_change for r in group]
         ratios = [r.ratio for r in group if r.ratio is not None]
         lines.append(
-            f"| {samples} | {defense} | {len(group)} | {percent(statistics.median(asr))} / {percent(max(asr))} | "
+            f"| {samples} | {defense} | {len(group)} | {percent(statistics.median(asr))} / {percent(max(asr))} | {over_cell} | "
             f"{percent(statistics.median(ca), True)} / {percent(min(ca), True)} | "
             f"{percent(statistics.median(target), True)} / {percent(min(target), True)} | "
             f"{statistics.median(ratios):.2f} / {max(ratios):.2f} |")

@@ -14,8 +14,9 @@ from PIL import Image
 from tests.conftest import run_scrub
 
 
-def independent_metrics(demo, target: int) -> tuple[float, float]:
-    """CA and ASR computed without scrub's loaders: torchvision model, PIL images, explicit stamping."""
+def independent_metrics(demo, target: int) -> tuple[float, float, float]:
+    """CA, ASR and ASR's floor (non-target images sent to the target unstamped) computed without scrub's loaders:
+    torchvision model, PIL images, explicit stamping."""
     model = torchvision.models.mobilenet_v3_small(num_classes=10)
     model.load_state_dict(safetensors.torch.load_file(demo / "model.safetensors"))
     model.eval()
@@ -30,7 +31,8 @@ def independent_metrics(demo, target: int) -> tuple[float, float]:
     with torch.no_grad():
         clean = model((images - 0.5) / 0.5).argmax(1)
         stamped = model(((1 - mask) * victims + mask * pattern - 0.5) / 0.5).argmax(1)
-    return (clean == labels).float().mean().item(), (stamped == target).float().mean().item()
+    floor = (clean[labels != target] == target).float().mean().item()
+    return (clean == labels).float().mean().item(), (stamped == target).float().mean().item(), floor
 
 
 def test_json_metrics_agree_with_an_independent_computation(demo):
@@ -41,9 +43,10 @@ def test_json_metrics_agree_with_an_independent_computation(demo):
     model = document["models"][0]
     assert document["schema_version"] == 2 and document["command"] == "evaluate"
     assert model["target"] == 0 and model["target_source"] == "inferred"
-    clean_accuracy, asr = independent_metrics(demo, target=0)
+    clean_accuracy, asr, floor = independent_metrics(demo, target=0)
     assert model["clean_accuracy"] == pytest.approx(clean_accuracy, abs=1e-6)
     assert model["attack_success_rate"] == pytest.approx(asr, abs=1e-6)
+    assert model["clean_target_rate"] == pytest.approx(floor, abs=1e-6) and floor > 0
     assert model["attack_success_rate"] > 0.9
     assert len(model["per_class_accuracy"]) == 10
     assert model["target_class_accuracy"] == model["per_class_accuracy"][0]

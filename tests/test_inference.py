@@ -42,3 +42,11 @@ def test_weights_relaid_in_inference_mode_still_serve_a_pass_with_gradients():
     probe = images.clone().requires_grad_(True)
     model(probe).sum().backward()  # raised "Inference tensors cannot be saved for backward" before
     assert probe.grad.abs().sum() > 0
+
+
+def test_an_inner_block_for_the_same_model_keeps_the_outer_layout_until_the_outer_block_ends():
+    model, images = _grouped(), torch.rand(5, 3, 12, 12)
+    with fast_layout(model, CPU):
+        forward_batched(model, images, batch_size=2)  # a pass inside: its own block must not undo the outer one
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -18,6 +18,7 @@ def test_asr_and_ra_count_only_non_target_images():
     assert metrics.attack_success_rate == pytest.approx(3 / 4)
     assert metrics.robust_accuracy == pytest.approx(1 / 4)
     assert metrics.target_class_accuracy == pytest.approx(0.5)
+    assert metrics.clean_target_rate == pytest.approx(1 / 4)  # the class-2 image predicted 0 without stamping
 
 
 def test_class_without_images_has_no_accuracy():
