@@ -120,12 +120,16 @@ def choose_edit(scores: list[HeldOut]) -> int:
 
 
 def choose_repair(scores: list[HeldOut], unrepaired: HeldOut) -> int | None:
-    """The candidate with the most held-out target-class samples right, then the most samples right, and no
-    fewer samples right and no more flips than no repair; None: no candidate beats no repair."""
+    """The candidate with the most held-out target-class samples right, then the most samples right, among
+    those that get more target-class samples right than no repair, and no fewer samples right and no more
+    flips; None: no candidate does.
+
+    The repair is there for the target class: a candidate that only gets other classes' samples right
+    is not taken. With 10 samples per class such a gain is one or two samples, and on a held-out
+    MobileNetV3 the strongest pull, chosen for 2 of them, cost 1.1 more points of target-class accuracy
+    on the test set than leaving the edit's weights alone.
+    """
     allowed = [i for i, score in enumerate(scores)
-               if score.flips <= unrepaired.flips and score.correct >= unrepaired.correct]
-    best = max(allowed, key=lambda i: (scores[i].target_correct, scores[i].correct, i), default=None)
-    if best is None or (scores[best].target_correct, scores[best].correct) <= (unrepaired.target_correct,
-                                                                               unrepaired.correct):
-        return None
-    return best
+               if score.flips <= unrepaired.flips and score.correct >= unrepaired.correct
+               and score.target_correct > unrepaired.target_correct]
+    return max(allowed, key=lambda i: (scores[i].target_correct, scores[i].correct, i), default=None)

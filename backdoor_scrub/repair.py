@@ -89,8 +89,8 @@ def repair_model(
     (up to 9 points on MobileNetV3, where it had bought 0.5-1 point of CA). A least-squares update of
     the head with a pull towards its current weights then changes as little as it can. The pull is
     the one that gets the most held-out target-class samples right, then the most samples right,
-    without fewer right or more flips than no repair; when none beats leaving the weights alone,
-    they are left alone.
+    among those that get more target-class samples right than no repair, without fewer right or more
+    flips (calibration.choose_repair); when none does, the weights are left alone.
     """
     started = time.perf_counter()
     if not is_linear_map(model.get_submodule(head)):

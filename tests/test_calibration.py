@@ -76,7 +76,12 @@ def test_the_repair_choice_is_none_unless_it_beats_no_repair_without_new_flips()
     assert choose_repair([HeldOut(correct=80, flips=1, target_correct=7),
                           HeldOut(correct=79, flips=0, target_correct=7)], unrepaired) is None
     assert choose_repair([HeldOut(correct=85, flips=3, target_correct=9),
-                          HeldOut(correct=82, flips=1, target_correct=7)], unrepaired) == 1
+                          HeldOut(correct=82, flips=1, target_correct=8)], unrepaired) == 1
+
+
+def test_the_repair_choice_is_none_when_only_other_classes_gain():
+    unrepaired = HeldOut(correct=80, flips=1, target_correct=7)
+    assert choose_repair([HeldOut(correct=84, flips=0, target_correct=7)], unrepaired) is None
 
 
 def test_the_repair_choice_puts_the_target_class_first_but_never_below_no_repair():
