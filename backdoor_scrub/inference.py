@@ -76,8 +76,7 @@ def fast_layout(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     Re-entrant: inside an outer block for the same model, an inner one changes nothing, so a loop of
     passes (a calibration's candidates) relays the weights once, not once a pass.
     """
-    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    if device.type != "cpu" or not grouped or id(model) in _RELAID:
+    if device.type != "cpu" or id(model) in _RELAID or not _has_grouped_convolution(model):
         yield model
         return
     _relayout(model, torch.channels_last)
@@ -87,6 +86,11 @@ def fast_layout(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     finally:
         _RELAID.discard(id(model))
         _relayout(model, torch.contiguous_format)
+
+
+def _has_grouped_convolution(model: nn.Module) -> bool:
+    """Whether any convolution of the model is grouped (depthwise convolutions are)."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
 
 
 def _relayout(model: nn.Module, memory_format: torch.memory_format) -> None:

@@ -286,12 +286,13 @@ def benchmark_model(model: ModelFolder, args: argparse.Namespace) -> list[Row]:
     """All rows of one model: no defense, then each defense at each sample count and draw."""
     evaluate_seconds = time_evaluate(model)
     base = measure(model, model.checkpoint.model)
+    base_ca, _, base_target, _ = base
 
     def row(per_class: int, draw: int, defense: str, network: nn.Module | None, seconds: float | None,
             seed: int = 0, flagged: list[int] | None = None) -> Row:
         ca, asr, target, floor = base if network is None else measure(model, network)
         return Row(model.name, model.checkpoint.spec.arch, model.attack, per_class, draw, defense, ca, asr, target,
-                   ca - base[0], target - base[2], seconds, evaluate_seconds, seed, flagged, model.target, floor)
+                   ca - base_ca, target - base_target, seconds, evaluate_seconds, seed, flagged, model.target, floor)
 
     rows = [row(0, 0, "no defense", None, None)]
     for per_class in args.samples:
