@@ -17,7 +17,7 @@ from backdoor_scrub.errors import usage_error
 from backdoor_scrub.inference import batch_for, fast_layout, forward_batched
 from backdoor_scrub.input_edit import calibrate_input_edit, input_convolution
 from backdoor_scrub.layers import is_linear_map
-from backdoor_scrub.triggers import Stamp, TriggeredCopies
+from backdoor_scrub.triggers import Stamp, Trigger, TriggeredCopies
 
 METHODS = ("closed-form", "activation-match")
 
@@ -163,9 +163,20 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def resolve_method(method: str) -> str:
-    """`auto` is the calibrated closed form at every sample count (activation matching only on request)."""
-    return "closed-form" if method == "auto" else method
+def resolve_method(method: str, trigger: object, samples: int, classes: int) -> str:
+    """`auto`: activation matching for a full-image stamp given at least 3 samples per class, else the closed form.
+
+    A blend, stripes or noise (a stamp whose mask covers more than half of the image) moves
+    every feature a little, and the head's linear edit, fitted on 100 samples, did not carry to
+    unseen images: on the tuning ResNet-18 with a blend, 10 per class, it left 2.7-4.3% ASR
+    (floor 1%); retraining the last stage first left 0.9-1.9% at the same CA. Below 3 samples
+    per class that retraining overfits (CA -3.5 to -10.9 at 1 per class), and the closed form
+    is kept. Patches, triggered copies, poisoned pictures and reconstructions keep the closed form.
+    """
+    if method != "auto":
+        return method
+    full_image = isinstance(trigger, Trigger) and (trigger.mask > 0).double().mean().item() > 0.5
+    return "activation-match" if full_image and samples >= 3 * classes else "closed-form"
 
 
 def plan_edit(model: nn.Module, layer_names: list[str], method: str) -> tuple[list[str], list[str]]:
@@ -288,18 +299,18 @@ def activation_match(
     unit.eval()
     parameters = list(unit.parameters())
     scale = clean_outputs.pow(2).mean().clamp_min(1e-12)
-    optimizer = torch.optim.Adam(parameters, lr=settings.lr)
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, foreach=True)
     generator = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
+    with torch.enable_grad(), fast_layout(unit, clean_inputs.device):
         for p in parameters:
             p.requires_grad_(True)
         for _ in range(settings.steps):
             index = _batch_indices(len(clean_inputs), settings.batch_size, generator)
-            # Indexing copies, so in-place layers inside the unit cannot change the cache.
+            # Indexing copies, so in-place layers inside the unit cannot change the cache. Stamped and
+            # clean rows go through in one pass (eval mode: each row's output is its own).
             target = clean_outputs[index]
-            match = (unit(stamped_inputs[index]) - target).pow(2).mean()
-            keep = (unit(clean_inputs[index]) - target).pow(2).mean()
-            loss = (match + settings.preserve * keep) / scale
+            match, keep = unit(torch.cat([stamped_inputs[index], clean_inputs[index]])).split(len(index))
+            loss = ((match - target).pow(2).mean() + settings.preserve * (keep - target).pow(2).mean()) / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

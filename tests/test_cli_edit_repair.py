@@ -6,6 +6,9 @@ import hashlib
 import json
 import shutil
 
+import torch
+from PIL import Image
+
 from backdoor_scrub.checkpoint import load_checkpoint
 from tests.conftest import run_scrub
 
@@ -124,6 +127,19 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     assert entry["layers"] == ["features.0.0", "features.10", "features.11", "features.12", "classifier.0",
                                "classifier.3"]
     assert entry["after"]["attack_success_rate"] < 0.1
+
+
+def test_auto_matches_the_stages_activations_for_a_full_image_trigger(demo, tmp_path):
+    blend = tmp_path / "blend.png"
+    pixels = torch.rand(32, 32, 3).mul(255).byte()
+    alpha = torch.full((32, 32, 1), 51, dtype=torch.uint8)  # 20% everywhere
+    Image.fromarray(torch.cat([pixels, alpha], 2).numpy(), "RGBA").save(blend)
+    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--trigger", blend,
+                       "--target", "0", "-o", tmp_path / "blend.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["models"][0]
+    assert entry["method"] == "activation-match"
+    assert entry["layers"] == ["features.10", "features.11", "features.12", "classifier.0", "classifier.3"]
 
 
 def test_edit_reports_and_records_the_strength_it_chose_on_held_out_folds(demo):

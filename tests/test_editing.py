@@ -210,9 +210,19 @@ def test_plan_splits_stage_and_head_by_method():
         plan_edit(model, STAGE + ["fc"], "auto")  # resolve_method turns auto into a method first
 
 
-def test_auto_is_the_closed_form_and_an_explicit_method_is_kept():
-    assert resolve_method("auto") == "closed-form"
-    assert resolve_method("activation-match") == "activation-match"
+def test_auto_matches_activations_for_a_full_image_stamp_with_enough_samples_and_keeps_explicit_methods():
+    pattern = torch.rand(3, 8, 8)
+    blend = Trigger(pattern, torch.full((1, 8, 8), 0.2), "blend")
+    patch_mask = torch.zeros(1, 8, 8)
+    patch_mask[:, :2, :2] = 1.0
+    patch = Trigger(pattern, patch_mask, "patch")
+    copies = TriggeredCopies(torch.rand(30, 3, 8, 8), "copies", "sha")
+    assert resolve_method("auto", blend, samples=30, classes=10) == "activation-match"
+    assert resolve_method("auto", blend, samples=29, classes=10) == "closed-form"  # under 3 per class
+    assert resolve_method("auto", patch, samples=100, classes=10) == "closed-form"
+    assert resolve_method("auto", copies, samples=100, classes=10) == "closed-form"
+    assert resolve_method("activation-match", patch, samples=10, classes=10) == "activation-match"
+    assert resolve_method("closed-form", blend, samples=100, classes=10) == "closed-form"
 
 
 def test_a_stage_must_be_consecutive_children_of_one_sequential():

@@ -89,9 +89,9 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
                                  "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
                                  "message": "no backdoor found; nothing edited"})
         names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
-        method = resolve_method(request.method)
         model, entries = checkpoint.model, []
         for suspect in suspects:
+            method = resolve_method(request.method, suspect.trigger, len(samples.labels), checkpoint.spec.num_classes)
             model, entry = _edit_suspect(model, suspect, checkpoint, samples, report, request, names, method)
             entries.append(entry)
         save_checkpoint(checkpoint, model, output, entries, destination.force)
