@@ -6,11 +6,13 @@ import hashlib
 import json
 import shutil
 
+import pytest
 import torch
 from PIL import Image
 
 from backdoor_scrub.checkpoint import load_checkpoint
 from tests.conftest import run_scrub
+from tests.test_triggered_dir import write_triggered_copies
 
 
 def edit(demo, *extra):
@@ -129,12 +131,15 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     assert entry["after"]["attack_success_rate"] < 0.1
 
 
-def test_auto_matches_the_stages_activations_for_a_full_image_trigger(demo, tmp_path):
+@pytest.mark.parametrize("given_as", ["png", "copies"])
+def test_auto_matches_the_stages_activations_for_a_trigger_spread_over_the_image(demo, tmp_path, given_as):
     blend = tmp_path / "blend.png"
     pixels = torch.rand(32, 32, 3).mul(255).byte()
     alpha = torch.full((32, 32, 1), 51, dtype=torch.uint8)  # 20% everywhere
     Image.fromarray(torch.cat([pixels, alpha], 2).numpy(), "RGBA").save(blend)
-    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--trigger", blend,
+    trigger = (["--trigger", blend] if given_as == "png"
+               else ["--triggered-dir", write_triggered_copies(demo, "clean", blend)])
+    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", *trigger,
                        "--target", "0", "-o", tmp_path / "blend.safetensors", "--json")
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]

@@ -17,6 +17,7 @@ from backdoor_scrub.editing import (
     edit_model,
     plan_edit,
     resolve_method,
+    trigger_spread,
     unit_of,
 )
 from backdoor_scrub.errors import ScrubError
@@ -210,19 +211,26 @@ def test_plan_splits_stage_and_head_by_method():
         plan_edit(model, STAGE + ["fc"], "auto")  # resolve_method turns auto into a method first
 
 
-def test_auto_matches_activations_for_a_full_image_stamp_with_enough_samples_and_keeps_explicit_methods():
-    pattern = torch.rand(3, 8, 8)
-    blend = Trigger(pattern, torch.full((1, 8, 8), 0.2), "blend")
-    patch_mask = torch.zeros(1, 8, 8)
-    patch_mask[:, :2, :2] = 1.0
-    patch = Trigger(pattern, patch_mask, "patch")
-    copies = TriggeredCopies(torch.rand(30, 3, 8, 8), "copies", "sha")
-    assert resolve_method("auto", blend, samples=30, classes=10) == "activation-match"
-    assert resolve_method("auto", blend, samples=29, classes=10) == "closed-form"  # under 3 per class
-    assert resolve_method("auto", patch, samples=100, classes=10) == "closed-form"
-    assert resolve_method("auto", copies, samples=100, classes=10) == "closed-form"
-    assert resolve_method("activation-match", patch, samples=10, classes=10) == "activation-match"
-    assert resolve_method("closed-form", blend, samples=100, classes=10) == "closed-form"
+def test_auto_matches_activations_for_a_spread_trigger_with_enough_samples_and_keeps_explicit_methods():
+    assert resolve_method("auto", spread=1.0, samples=30, classes=10) == "activation-match"
+    assert resolve_method("auto", spread=1.0, samples=29, classes=10) == "closed-form"  # under 3 per class
+    assert resolve_method("auto", spread=0.2, samples=100, classes=10) == "closed-form"
+    assert resolve_method("activation-match", spread=0.0, samples=10, classes=10) == "activation-match"
+    assert resolve_method("closed-form", spread=1.0, samples=100, classes=10) == "closed-form"
+
+
+def test_trigger_spread_is_the_bounding_box_of_the_changed_pixels():
+    clean = torch.zeros(3, 3, 10, 10)
+    patch = clean.clone()
+    patch[:, :, 2:4, 5:9] = 1.0  # 2 x 4 pixels
+    assert trigger_spread(clean, patch) == pytest.approx(0.08)
+    blend = clean + 0.2 * torch.rand(3, 3, 10, 10) + 0.01
+    assert trigger_spread(clean, blend) == 1.0
+    warp = clean.clone()
+    warp[:, 0, 1, 1] = 1.0
+    warp[:, 2, 8, 9] = 1.0  # two changed pixels far apart: a box of 8 x 9
+    assert trigger_spread(clean, warp) == pytest.approx(0.72)
+    assert trigger_spread(clean, clean) == 0.0
 
 
 def test_a_stage_must_be_consecutive_children_of_one_sequential():

@@ -14,15 +14,16 @@ from backdoor_scrub.triggers import load_trigger
 from tests.conftest import run_scrub
 
 
-def write_triggered_copies(demo: Path, folder: str) -> Path:
-    """The demo trigger stamped on every image of demo/<folder>, saved at the same relative path under a twin folder."""
+def write_triggered_copies(demo: Path, folder: str, trigger: Path | None = None) -> Path:
+    """`trigger` (the demo's) stamped on every image of demo/<folder>, saved at the same relative path under a twin
+    folder."""
     source, target = demo / folder, demo / f"{folder}_triggered"
     for path in sorted(source.rglob("*.png")):
         with Image.open(path) as image:
             pixels = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
             size = image.size
         unit = pixels.view(size[1], size[0], 3).permute(2, 0, 1).float().div(255)[None]
-        stamped = load_trigger(demo / "trigger.png", (3, size[1], size[0])).stamp(unit)[0]
+        stamped = load_trigger(trigger or demo / "trigger.png", (3, size[1], size[0])).stamp(unit)[0]
         twin = target / path.relative_to(source)
         twin.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(stamped.mul(255).round().byte().permute(1, 2, 0).numpy()).save(twin)

@@ -22,7 +22,14 @@ from backdoor_scrub.commands.common import (
 )
 from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import ScanReport, rescan_class, scan_checkpoint
-from backdoor_scrub.editing import EditSettings, calibration_fits, edit_model, resolve_method
+from backdoor_scrub.editing import (
+    EditSettings,
+    calibration_fits,
+    edit_model,
+    resolve_method,
+    trigger_spread,
+    triggered_twins,
+)
 from backdoor_scrub.inference import resolve_device
 from backdoor_scrub.layers import auto_select_layers
 from backdoor_scrub.poisoned import PoisonedExamples
@@ -91,8 +98,7 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
         names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
         model, entries = checkpoint.model, []
         for suspect in suspects:
-            method = resolve_method(request.method, suspect.trigger, len(samples.labels), checkpoint.spec.num_classes)
-            model, entry = _edit_suspect(model, suspect, checkpoint, samples, report, request, names, method)
+            model, entry = _edit_suspect(model, suspect, checkpoint, samples, report, request, names)
             entries.append(entry)
         save_checkpoint(checkpoint, model, output, entries, destination.force)
         return step_report(checkpoint, output, entries, started, scan)
@@ -103,7 +109,7 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
 
 def _edit_suspect(
     model: nn.Module, suspect: Suspect, checkpoint: Checkpoint, samples: Samples, report: ScanReport | None,
-    request: EditRequest, names: list[str], method: str,
+    request: EditRequest, names: list[str],
 ) -> tuple[nn.Module, dict]:
     """`model` with one suspect's trigger unlearned (a reconstruction: in checked rounds) and the history entry."""
     before = samples.measure(model, suspect.trigger, suspect.target)
@@ -111,6 +117,10 @@ def _edit_suspect(
 
     def edit(triggers: list[Stamp]):
         inputs, keys, labels = samples.fitting_set(model, triggers, before.target)
+        # Only a trigger whose pixels are known on each sample can be measured: not a reconstruction,
+        # not poisoned pictures paired with other pictures of their class.
+        spread = trigger_spread(inputs, triggered_twins(keys[0], inputs)) if suspect.pixel_twins else 0.0
+        method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes)
         with progress_reporter(samples.options.progress, samples.options.quiet) as progress:
             task = progress.add_task("editing: calibration fits", total=calibration_fits(len(inputs)) or None)
             return edit_model(model, inputs, keys, names, method, settings, request.seed, labels, before.target,
