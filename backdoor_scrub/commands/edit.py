@@ -118,8 +118,9 @@ def _edit_suspect(
     def edit(triggers: list[Stamp]):
         inputs, keys, labels = samples.fitting_set(model, triggers, before.target)
         # Only a trigger whose pixels are known on each sample can be measured: not a reconstruction,
-        # not poisoned pictures paired with other pictures of their class.
-        spread = trigger_spread(inputs, triggered_twins(keys[0], inputs)) if suspect.pixel_twins else 0.0
+        # not poisoned pictures paired with other pictures of their class. A median: the first 256 tell.
+        some = inputs[:256]
+        spread = trigger_spread(some, triggered_twins(keys[0], some)[:256]) if suspect.pixel_twins else 0.0
         method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes)
         with progress_reporter(samples.options.progress, samples.options.quiet) as progress:
             task = progress.add_task("editing: calibration fits", total=calibration_fits(len(inputs)) or None)
