@@ -72,7 +72,7 @@ def edit_model(
     seed: int = 0,
     labels: torch.Tensor | None = None,
     target: int | None = None,
-    on_fit: Callable[[], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, EditRecord]:
     """An edited copy of `model` and its record; `model` itself is not changed.
 
@@ -82,7 +82,7 @@ def edit_model(
     Sequential) followed by the linear layers of the head, as layers.auto_select_layers gives them.
     Few samples are augmented up to settings.min_samples. `labels` (class per sample, for stratified
     folds) and `target` (else the class the model gives most stamped samples) serve the calibration;
-    `on_fit` is called after each of its fits (progress).
+    `on_step` is called after each activation-matching step and each calibration fit (progress; see edit_steps).
     """
     start = time.perf_counter()
     stage, chain = plan_edit(model, layer_names, method)
@@ -102,7 +102,8 @@ def edit_model(
                                                                  labels, target, settings, batch_size)
         first = first if calibration["input_layer"]["chosen"] is not None else None
     if stage:
-        match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size)
+        match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed, batch_size,
+                    on_step)
     if chain:
         reference = model if stage else edited
         problem, before = chain_problem(reference, edited, chain, clean, stamped, len(clean_inputs), batch_size)
@@ -111,7 +112,7 @@ def edit_model(
             labels = before[0].argmax(1) if labels is None else labels.to(before[0].device)
             target = int(before[1].argmax(1).mode().values) if target is None else target
             grid = strength_grid(settings.lams, settings.mus)
-            strength, chain_report = calibrate(problem, before, labels, target, grid, settings.folds, on_fit)
+            strength, chain_report = calibrate(problem, before, labels, target, grid, settings.folds, on_step)
             calibration.update(chain_report)
         problem.fit(torch.arange(len(clean)), strength)
         problem.commit()
@@ -140,11 +141,15 @@ def _labels_and_target(model: nn.Module, clean_inputs: torch.Tensor, trigger: St
     return labels.to(clean_inputs.device), target
 
 
-def calibration_fits(samples: int, settings: EditSettings = EditSettings()) -> int:
-    """How many fits the calibration of an edit from `samples` samples runs (for progress)."""
-    if not settings.calibrate or samples < 2:
-        return 0
-    return min(settings.folds, samples) * len(settings.lams) * len(settings.mus)
+def edit_steps(model: nn.Module, layer_names: list[str], method: str, samples: int,
+               settings: EditSettings = EditSettings()) -> int:
+    """How many times an edit from `samples` samples calls `on_step`: activation matching's steps, then the
+    calibration's fits."""
+    stage, chain = plan_edit(model, layer_names, method)
+    matching = settings.steps if stage else 0
+    if not chain or not settings.calibrate or samples < 2:
+        return matching
+    return matching + min(settings.folds, samples) * len(settings.lams) * len(settings.mus)
 
 
 def copy_for_edit(model: nn.Module, names: list[str]) -> nn.Module:
@@ -230,13 +235,15 @@ def match_stage(
     settings: EditSettings,
     seed: int,
     batch_size: int,
+    on_step: Callable[[], None] | None = None,
 ) -> None:
     """Activation-match the stage of `edited` in place, on its inputs cached from one pass of `batch_size` images."""
     first, last = stage[0], stage[-1]
     clean = capture(edited, [first, last], clean_inputs, batch_size)
     stamped = capture(edited, [first], stamped_inputs, batch_size)
     activation_match(
-        unit_of(edited, stage), clean[first].inputs, stamped[first].inputs, clean[last].outputs, settings, seed
+        unit_of(edited, stage), clean[first].inputs, stamped[first].inputs, clean[last].outputs, settings, seed,
+        on_step,
     )
 
 
@@ -318,8 +325,10 @@ def activation_match(
     clean_outputs: torch.Tensor,
     settings: EditSettings,
     seed: int,
+    on_step: Callable[[], None] | None = None,
 ) -> None:
-    """Adam on `unit`'s weights alone (in place, eval mode): unit(stamped) -> clean outputs, clean kept."""
+    """Adam on `unit`'s weights alone (in place, eval mode): unit(stamped) -> clean outputs, clean kept;
+    `on_step` is called after each step (progress)."""
     unit.eval()
     parameters = list(unit.parameters())
     scale = clean_outputs.pow(2).mean().clamp_min(1e-12)
@@ -338,6 +347,8 @@ def activation_match(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step()
     for p in parameters:
         p.grad = None
 

@@ -106,9 +106,12 @@ def test_threads_sets_the_cpu_threads_and_defaults_to_omp_num_threads(demo, monk
         torch.set_num_threads(before)
 
 
-def test_an_edit_reports_its_calibration_in_progress_lines(demo, tmp_path, one_thread):
+@pytest.mark.parametrize("method, steps", [("closed-form", 50), ("activation-match", 100)])
+def test_an_edit_reports_its_steps_in_progress_lines(demo, tmp_path, one_thread, method, steps):
+    # 50 calibration fits (5 folds x 10 strengths); activation matching adds its 50 optimisation steps first
     result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--trigger",
-                       demo / "trigger.png", "-o", tmp_path / "out.safetensors", "--progress", "lines")
+                       demo / "trigger.png", "--method", method, "-o", tmp_path / "out.safetensors",
+                       "--progress", "lines")
     assert result.exit_code == 0, result.stderr
-    lines = [line for line in result.stderr.splitlines() if PROGRESS_LINE.match(line) and "calibration" in line]
-    assert lines[0].endswith("started (0 s)") and "50/50 done" in lines[-1]
+    lines = [line for line in result.stderr.splitlines() if PROGRESS_LINE.match(line) and f"editing ({method})" in line]
+    assert lines[0].endswith("started (0 s)") and f"{steps}/{steps} done" in lines[-1]

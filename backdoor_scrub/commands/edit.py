@@ -24,8 +24,8 @@ from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.commands.scanning import ScanReport, rescan_class, scan_checkpoint
 from backdoor_scrub.editing import (
     EditSettings,
-    calibration_fits,
     edit_model,
+    edit_steps,
     resolve_method,
     trigger_spread,
     triggered_twins,
@@ -123,9 +123,10 @@ def _edit_suspect(
         spread = trigger_spread(some, triggered_twins(keys[0], some)[:256]) if suspect.pixel_twins else 0.0
         method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes)
         with progress_reporter(samples.options.progress, samples.options.quiet) as progress:
-            task = progress.add_task("editing: calibration fits", total=calibration_fits(len(inputs)) or None)
+            steps = edit_steps(model, names, method, len(inputs), settings)
+            task = progress.add_task(f"editing ({method})", total=steps or None)
             return edit_model(model, inputs, keys, names, method, settings, request.seed, labels, before.target,
-                              on_fit=lambda: progress.advance(task))
+                              on_step=lambda: progress.advance(task))
 
     rounds = None
     if suspect.scanned is None:
