@@ -174,8 +174,8 @@ def resolve_method(method: str, spread: float, samples: int, classes: int) -> st
 
     A blend, stripes, noise or a warp moves every feature a little, and the head's linear edit,
     fitted on 100 samples, did not carry to unseen images. On the tuning ResNet-18s, 10 per
-    class, draws 0-2: with a 20% blend it left 2.7-4.3% ASR (floor 1%) where retraining the last
-    stage first left 0.9-1.9% at the same CA; with a warp (triggered copies) the target class
+    class, draws 0-2: with a 20% blend it left 1.8-4.3% ASR (floor 1%) where retraining the last
+    stage first left 0.6-1.9%, at about the same CA; with a warp (triggered copies) the target class
     lost 3.8-10.0 points against 0-5.7, at a median ASR of 6.2% against 5.8%. Below 3 samples per
     class that retraining overfits (CA -3.5 to -10.9 at 1 per class), and the closed form is kept.
     """

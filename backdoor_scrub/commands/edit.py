@@ -118,7 +118,8 @@ def _edit_suspect(
     def edit(triggers: list[Stamp]):
         inputs, keys, labels = samples.fitting_set(model, triggers, before.target)
         # Only a trigger whose pixels are known on each sample can be measured: not a reconstruction,
-        # not poisoned pictures paired with other pictures of their class. A median: the first 256 tell.
+        # not poisoned pictures paired with other pictures of their class. A median: the first 256 tell
+        # (a stamp is applied to those alone; triggered copies come whole and are cut to match).
         some = inputs[:256]
         spread = trigger_spread(some, triggered_twins(keys[0], some)[:256]) if suspect.pixel_twins else 0.0
         method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes)
