@@ -16,7 +16,7 @@ from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, streng
 from backdoor_scrub.errors import usage_error
 from backdoor_scrub.inference import batch_for, fast_layout, forward_batched
 from backdoor_scrub.input_edit import calibrate_input_edit, input_convolution
-from backdoor_scrub.layers import is_linear_map
+from backdoor_scrub.layers import feeds_in_turn, is_linear_map
 from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
 METHODS = ("closed-form", "activation-match")
@@ -242,8 +242,8 @@ def match_stage(
     clean = capture(edited, [first, last], clean_inputs, batch_size)
     stamped = capture(edited, [first], stamped_inputs, batch_size)
     activation_match(
-        unit_of(edited, stage), clean[first].inputs, stamped[first].inputs, clean[last].outputs, settings, seed,
-        on_step,
+        unit_of(edited, stage, tuple(clean_inputs.shape[1:])), clean[first].inputs, stamped[first].inputs,
+        clean[last].outputs, settings, seed, on_step,
     )
 
 
@@ -304,18 +304,23 @@ def capture(model: nn.Module, names: list[str], images: torch.Tensor, batch_size
     return {name: Captured(torch.cat(inputs[name]), torch.cat(outputs[name])) for name in names}
 
 
-def unit_of(model: nn.Module, names: list[str]) -> nn.Module:
-    """The named module, or a Sequential sharing the weights of consecutive children of one Sequential."""
+def unit_of(model: nn.Module, names: list[str], input_size: tuple[int, ...]) -> nn.Module:
+    """The named module, or a Sequential sharing the weights of consecutive children of one module: of a
+    Sequential, or of any module whose forward passes each one's output straight to the next (a dry run
+    at `input_size` tells)."""
+    modules = [_submodule(model, name) for name in names]
     if len(names) == 1:
-        return _submodule(model, names[0])
-    parent_name = names[0].rpartition(".")[0]
+        return modules[0]
+    parent_name, _, first_child = names[0].rpartition(".")
     parent = _submodule(model, parent_name) if parent_name else model
     children = [name for name, _ in parent.named_children()]
     prefix = f"{parent_name}." if parent_name else ""
-    start = children.index(names[0].rpartition(".")[2])
-    if not isinstance(parent, nn.Sequential) or names != [prefix + c for c in children[start : start + len(names)]]:
-        raise usage_error(f"layers {', '.join(names)}: a stage must be consecutive children of one Sequential")
-    return nn.Sequential(*(_submodule(model, name) for name in names))
+    start = children.index(first_child)
+    consecutive = names == [prefix + c for c in children[start : start + len(names)]]
+    if not consecutive or not (isinstance(parent, nn.Sequential) or feeds_in_turn(model, names, input_size)):
+        raise usage_error(f"layers {', '.join(names)}: a stage must be consecutive children of one module, "
+                          "each taking the output of the one before")
+    return nn.Sequential(*modules)
 
 
 def activation_match(

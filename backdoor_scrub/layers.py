@@ -30,6 +30,8 @@ class _Trace:
     output_shape: list[int] | None
     single_tensor: bool
     takes_network_input: bool
+    input_id: int | None = None  # identities of the dry run's tensors: which module's output fed which module
+    output_id: int | None = None
 
 
 def describe_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
@@ -57,13 +59,16 @@ def auto_select_layers(model: nn.Module, input_size: tuple[int, int, int]) -> li
 def trace_modules(model: nn.Module, input_size: tuple[int, int, int]) -> list[_Trace]:
     """Run one forward pass on a blank input and record each module as its forward finishes."""
     traces: list[_Trace] = []
+    alive: list[object] = []  # keeps every traced tensor, so that no two share an identity
     network_input = torch.zeros(1, *input_size, device=_device_of(model))
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             single = len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
             shape = list(output.shape[1:]) if isinstance(output, torch.Tensor) else None
-            traces.append(_Trace(name, module, shape, single, len(args) == 1 and args[0] is network_input))
+            alive.extend((args, output))
+            traces.append(_Trace(name, module, shape, single, len(args) == 1 and args[0] is network_input,
+                                 id(args[0]) if single else None, id(output) if single else None))
 
         return hook
 
@@ -135,18 +140,61 @@ def _find_stage(
     last = next((t for t in reversed(candidates) if is_cut(model, t.module, input_size)), None)
     if last is None:
         return []
-    stack_name, _, last_child = last.name.rpartition(".")
-    stack = parents[last.name]
-    siblings = [name for name, _ in stack.named_children()]
-    end = siblings.index(last_child) + 1
     budget = STAGE_PARAM_FRACTION * _feature_parameters(traces, last)
-    start = end - 1
-    while start > 0 and sum(count_parameters(stack[i]) for i in range(start, end)) < budget:
-        start -= 1
-    if start == 0 and end == len(siblings) and stack_name:
-        return [stack_name]
-    prefix = f"{stack_name}." if stack_name else ""
-    return [prefix + siblings[i] for i in range(start, end)]
+    traced = {t.name: t for t in traces}
+    name = last.name
+    while True:
+        stack_name = name.rpartition(".")[0]
+        stack = parents[name]
+        prefix = f"{stack_name}." if stack_name else ""
+        siblings = [prefix + child for child, _ in stack.named_children()]
+        end = siblings.index(name) + 1
+        start = end - 1
+        while (start > 0 and _too_small(model, siblings[start:end], budget)
+               and (isinstance(stack, nn.Sequential) or _feeds(traced, siblings[start - 1], siblings[start]))):
+            start -= 1
+        whole = start == 0 and _weights(model, siblings[end:]) == 0
+        if whole and _too_small(model, siblings, budget) and _can_climb(model, stack_name, traced, input_size):
+            # The innermost stack cannot be the stage (ShuffleNetV2's conv5 is one pointwise convolution
+            # with its norm): it becomes one block of the stack around it.
+            name = stack_name
+            continue
+        if start == 0 and end == len(siblings) and stack_name:
+            return [stack_name]
+        return siblings[start:end]
+
+
+def feeds_in_turn(model: nn.Module, names: list[str], input_size: tuple[int, int, int]) -> bool:
+    """Whether, in a dry run, each named module takes exactly the output of the one before it."""
+    traced = {t.name: t for t in trace_modules(model, input_size)}
+    return all(_feeds(traced, a, b) for a, b in zip(names, names[1:]))
+
+
+def _feeds(traced: dict[str, _Trace], source: str, sink: str) -> bool:
+    """Whether the dry run gave `sink` the very tensor `source` returned."""
+    a, b = traced.get(source), traced.get(sink)
+    return a is not None and b is not None and a.output_id is not None and a.output_id == b.input_id
+
+
+def _can_climb(model: nn.Module, name: str, traced: dict[str, _Trace], input_size: tuple[int, int, int]) -> bool:
+    """Whether a whole stack can stand as one block of its parent: it ran once on one tensor and is a cut."""
+    return bool(name) and name in traced and traced[name].single_tensor and is_cut(
+        model, model.get_submodule(name), input_size)
+
+
+def _too_small(model: nn.Module, names: list[str], budget: float) -> bool:
+    """Whether the modules hold under `budget` weights, or a single layer: a stage has depth to retrain."""
+    return _weights(model, names) < budget or _depth(model, names) < 2
+
+
+def _depth(model: nn.Module, names: list[str]) -> int:
+    """The number of convolutions and linear maps (leaves with a weight matrix; norms have vectors) in the modules."""
+    leaves = (m for name in names for m in model.get_submodule(name).modules() if not list(m.children()))
+    return sum(1 for m in leaves if any(p.dim() > 1 for p in m.parameters(recurse=False)))
+
+
+def _weights(model: nn.Module, names: list[str]) -> int:
+    return sum(count_parameters(model.get_submodule(name)) for name in names)
 
 
 def is_cut(model: nn.Module, module: nn.Module, input_size: tuple[int, int, int]) -> bool:

@@ -32,6 +32,12 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
     # Added later to tune the no-trigger path (the only MobileNetV3 above did not show its failure).
     "t_mnv3_cyan4_bl": ("tune", (*MNV3, "--attack", "badnets", "--patch-color", "0,255,255", "--patch-pos", "bl",
                                  "--patch-size", "4", "--target", "2", "--seed", "14")),
+    # Added later to tune activation matching on spread triggers beyond ResNet-18 (the report models had
+    # shown its worst cases on MobileNetV3 and ShuffleNetV2).
+    "t_mnv3_blend": ("tune", (*MNV3, "--attack", "blended", "--blend-pattern", "smooth", "--blend-alpha", "0.2",
+                              "--target", "1", "--seed", "16")),
+    "t_shuffle_sig": ("tune", (*SHUFFLE, "--attack", "sig", "--blend-alpha", "0.2", "--sig-frequency", "5",
+                               "--target", "8", "--seed", "17")),
     # Report models: other targets, trigger kinds, sizes, positions, colours and a third and fourth family.
     # (EfficientNet-B0 was tried first: 2 epochs on 12,000 images left it at 62-67% CA, so it was replaced.)
     "r18_white3_tr": ("report", (*R18, "--attack", "badnets", "--patch-color", "255,255,255", "--patch-size", "3",

@@ -23,6 +23,7 @@ from backdoor_scrub.editing import (
 from backdoor_scrub.errors import ScrubError
 from backdoor_scrub.linear_edit import closed_form_linear_edit, scaled_weights
 from backdoor_scrub.triggers import Trigger, TriggeredCopies
+from tests.tiny_models import TinyCNN
 
 STAGE = ["features.1", "features.2"]
 
@@ -108,7 +109,7 @@ def test_activation_matching_reduces_the_stamped_clean_gap_and_keeps_batchnorm_s
     stamped = capture(model, ["features.1", "features.2"], stamped_images)
     before = (stamped["features.2"].outputs - clean["features.2"].outputs).pow(2).mean()
     running_mean = model.features[1][1].running_mean.clone()
-    unit = unit_of(model, STAGE)
+    unit = unit_of(model, STAGE, (3, 8, 8))
     settings = EditSettings(steps=60, lr=3e-3)
     activation_match(unit, clean["features.1"].inputs, stamped["features.1"].inputs, clean["features.2"].outputs,
                      settings, seed=0)
@@ -234,11 +235,21 @@ def test_trigger_spread_is_the_bounding_box_of_the_changed_pixels():
 
 def test_a_stage_must_be_consecutive_children_of_one_sequential():
     model = tiny_model()
-    assert isinstance(unit_of(model, ["features.0", "features.1"]), nn.Sequential)
+    assert isinstance(unit_of(model, ["features.0", "features.1"], (3, 8, 8)), nn.Sequential)
     with pytest.raises(ScrubError):
-        unit_of(model, ["features.0", "features.2"])
+        unit_of(model, ["features.0", "features.2"], (3, 8, 8))
     with pytest.raises(ScrubError):
-        unit_of(model, ["features.2", "fc"])
+        unit_of(model, ["features.2", "fc"], (3, 8, 8))
+
+
+def test_a_stage_of_another_module_is_accepted_only_where_each_child_feeds_the_next():
+    model = TinyCNN(3).eval()
+    unit = unit_of(model, ["stem", "stage"], (3, 16, 16))  # TinyCNN.forward passes stem's output to stage
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(unit(x), model.stage(model.stem(x)))
+    with pytest.raises(ScrubError, match="output of the one before"):
+        unit_of(model, ["pool", "fc"], (3, 16, 16))  # the pooled map is flattened on the way to fc
 
 
 def test_a_sequential_head_chain_gives_the_weights_of_the_general_path(monkeypatch):
