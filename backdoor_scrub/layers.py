@@ -131,17 +131,19 @@ def _find_stage(
     """The last blocks of a block stack that every path to the head crosses, covering enough weights."""
     parents = _parents(model)
     head_side = set(head.module.modules()) | {parents.get(head.name)} if head else set()
-    candidates = [
+    traced = {t.name: t for t in traces}
+    maps = [
         t for t in traces
         if is_editable(t) and not t.takes_network_input and t.output_shape and len(t.output_shape) >= 2
-        and isinstance(parents.get(t.name), nn.Sequential) and parents[t.name] not in head_side
         and not head_side.intersection(t.module.modules())
     ]
-    last = next((t for t in reversed(candidates) if is_cut(model, t.module, input_size)), None)
+    stacked = [t for t in maps if isinstance(parents.get(t.name), nn.Sequential) and parents[t.name] not in head_side]
+    # Blocks kept as plain attributes (GoogLeNet, Inception v3): each one fed by the one before it.
+    chained = [t for t in maps if _feeds(traced, _previous_sibling(parents, t.name), t.name)]
+    last = _last_cut(model, stacked, input_size) or _last_cut(model, chained, input_size)
     if last is None:
         return []
     budget = STAGE_PARAM_FRACTION * _feature_parameters(traces, last)
-    traced = {t.name: t for t in traces}
     name = last.name
     while True:
         stack_name = name.rpartition(".")[0]
@@ -164,13 +166,26 @@ def _find_stage(
         return siblings[start:end]
 
 
+def _last_cut(model: nn.Module, candidates: list[_Trace], input_size: tuple[int, int, int]) -> _Trace | None:
+    """The last of the candidates that every path to the output crosses."""
+    return next((t for t in reversed(candidates) if is_cut(model, t.module, input_size)), None)
+
+
+def _previous_sibling(parents: dict[str, nn.Module], name: str) -> str | None:
+    """The name of the child registered just before `name` in its parent, if any."""
+    prefix, _, child = name.rpartition(".")
+    children = [c for c, _ in parents[name].named_children()]
+    index = children.index(child)
+    return None if index == 0 else (f"{prefix}." if prefix else "") + children[index - 1]
+
+
 def feeds_in_turn(model: nn.Module, names: list[str], input_size: tuple[int, int, int]) -> bool:
     """Whether, in a dry run, each named module takes exactly the output of the one before it."""
     traced = {t.name: t for t in trace_modules(model, input_size)}
     return all(_feeds(traced, a, b) for a, b in zip(names, names[1:]))
 
 
-def _feeds(traced: dict[str, _Trace], source: str, sink: str) -> bool:
+def _feeds(traced: dict[str, _Trace], source: str | None, sink: str) -> bool:
     """Whether the dry run gave `sink` the very tensor `source` returned."""
     a, b = traced.get(source), traced.get(sink)
     return a is not None and b is not None and a.output_id is not None and a.output_id == b.input_id

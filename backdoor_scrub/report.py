@@ -183,6 +183,10 @@ def _calibration_caption(calibration: dict) -> str:
         left = f"left as is ({first['reason']})" if "reason" in first else "left as is"
         parts.append(f"{first['layer']} " + (left if chosen is None else
                                              f"edited (lam {chosen['lam']:g}, mu {chosen['mu']:g})"))
+    if "stage" in calibration:
+        stage = calibration["stage"]
+        parts.append(f"stage retrained {stage['steps']} steps (the samples' flips left: "
+                     f"{percent(stage['residual_flip_rate'])})")
     if "chosen" not in calibration:
         return "; ".join(parts)
     chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}" for key, value in calibration["chosen"].items())

@@ -214,7 +214,10 @@ def train(args, model, images, labels, attack: Attack, device) -> None:
                 if attack.cover is not None:
                     cover = (draw >= args.poison_rate) & (draw < 2 * args.poison_rate)
                     x[cover] = attack.cover(x[cover], generator)
-            loss = nn.functional.cross_entropy(model(norm(x.to(device))), y.to(device))
+            output = model(norm(x.to(device)))
+            # GoogLeNet and Inception v3 return their auxiliary heads' logits too while training: the main one counts.
+            logits = output[0] if isinstance(output, tuple) else output
+            loss = nn.functional.cross_entropy(logits, y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -17,6 +17,7 @@ from pathlib import Path
 R18 = ("--arch", "resnet18", "--epochs", "2", "--train-subset", "15000")
 MNV3 = ("--arch", "mobilenet_v3_small", "--epochs", "3", "--train-subset", "15000")
 SHUFFLE = ("--arch", "shufflenet_v2_x1_0", "--epochs", "3", "--train-subset", "15000")
+GOOGLENET = ("--arch", "googlenet", "--epochs", "2", "--train-subset", "15000")
 # A warp is learnt slowly (WaNet trains for hundreds of epochs): 2 epochs of 15,000 images left 38% ASR.
 R18_LONG = ("--arch", "resnet18", "--epochs", "6", "--train-subset", "30000")
 MNV3_LONG = ("--arch", "mobilenet_v3_small", "--epochs", "8", "--train-subset", "30000")
@@ -59,6 +60,13 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
                                       "--patch-size", "4", "--target", "5", "--seed", "41")),
     "shuffle_blend15": ("report", (*SHUFFLE, "--attack", "blended", "--blend-alpha", "0.15", "--target", "2",
                                    "--seed", "42")),
+    # A fifth family, whose blocks are plain attributes rather than a Sequential (the stage is found by chaining).
+    "t_googlenet_blend20": ("tune", (*GOOGLENET, "--attack", "blended", "--blend-pattern", "smooth",
+                                     "--blend-alpha", "0.2", "--target", "6", "--seed", "43")),
+    "googlenet_noise": ("report", (*GOOGLENET, "--attack", "noise", "--blend-alpha", "0.1", "--target", "2",
+                                   "--seed", "47")),
+    "googlenet_red4_tr": ("report", (*GOOGLENET, "--attack", "badnets", "--patch-color", "255,0,0",
+                                     "--patch-size", "4", "--patch-pos", "tr", "--target", "3", "--seed", "44")),
     # VGG-11-BN (a 25,088-input, three-layer classifier head). On 2 CPU cores 2 epochs of 16,000 images at
     # lr 1e-3 were still at loss 1.9 after 300 steps; these were trained on a lent GPU (see CHANGELOG).
     "vgg11bn_checker4_tl": ("report", (*VGG, "--attack", "badnets", "--patch-pos", "tl", "--target", "9",
@@ -78,6 +86,7 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
     "r18_clean": ("reference", (*R18, "--attack", "none", "--seed", "61")),
     "mnv3_clean": ("reference", (*MNV3, "--attack", "none", "--seed", "62")),
     "shuffle_clean": ("reference", (*SHUFFLE, "--attack", "none", "--seed", "63")),
+    "googlenet_clean": ("reference", (*GOOGLENET, "--attack", "none", "--seed", "64")),
 }
 
 

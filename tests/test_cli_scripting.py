@@ -106,9 +106,10 @@ def test_threads_sets_the_cpu_threads_and_defaults_to_omp_num_threads(demo, monk
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("method, steps", [("closed-form", 50), ("activation-match", 100)])
+@pytest.mark.parametrize("method, steps", [("closed-form", 50), ("activation-match", 350)])
 def test_an_edit_reports_its_steps_in_progress_lines(demo, tmp_path, one_thread, method, steps):
-    # 50 calibration fits (5 folds x 10 strengths); activation matching adds its 50 optimisation steps first
+    # 50 calibration fits (5 folds x 10 strengths); activation matching adds up to 6 rounds of 50 optimisation
+    # steps first, and counts the rounds it did not need as done
     result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--trigger",
                        demo / "trigger.png", "--method", method, "-o", tmp_path / "out.safetensors",
                        "--progress", "lines")
