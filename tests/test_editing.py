@@ -119,6 +119,41 @@ def test_activation_matching_reduces_the_stamped_clean_gap_and_keeps_batchnorm_s
     assert torch.equal(model.features[1][1].running_mean, running_mean)
 
 
+def test_activation_matching_runs_more_rounds_until_fitted():
+    model = tiny_model()
+    clean_images = images()
+    clean = capture(model, ["features.1", "features.2"], clean_images)
+    stamped = capture(model, ["features.1"], corner_trigger().stamp(clean_images))
+    arguments = (clean["features.1"].inputs, stamped["features.1"].inputs, clean["features.2"].outputs,
+                 EditSettings(steps=4, stage_rounds=3), 0)
+    calls = []
+    assert activation_match(unit_of(tiny_model(), STAGE, (3, 8, 8)), *arguments, fitted=lambda: True) == 4
+    assert activation_match(unit_of(model, STAGE, (3, 8, 8)), *arguments,
+                            fitted=lambda: calls.append(1) or len(calls) == 2) == 8
+    assert activation_match(unit_of(tiny_model(), STAGE, (3, 8, 8)), *arguments, fitted=lambda: False) == 12
+
+
+def test_an_activation_matching_step_is_bounded_by_the_stages_weight_scale():
+    model = tiny_model()
+    with torch.no_grad():
+        for parameter in model.features[1:].parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(0.01)
+    clean_images = images()
+    clean = capture(model, ["features.1", "features.2"], clean_images)
+    stamped = capture(model, ["features.1"], corner_trigger().stamp(clean_images))
+    unit = unit_of(model, STAGE, (3, 8, 8))
+    weights = [p for p in unit.parameters() if p.dim() > 1]
+    rms = torch.cat([p.detach().flatten() for p in weights]).pow(2).mean().sqrt().item()
+    before = [p.detach().clone() for p in weights]
+    settings = EditSettings(steps=1, stage_rounds=1, lr=3e-3, max_relative_step=0.15)
+    activation_match(unit, clean["features.1"].inputs, stamped["features.1"].inputs, clean["features.2"].outputs,
+                     settings, 0)
+    moved = max((p.detach() - b).abs().max().item() for p, b in zip(weights, before))
+    assert 0.15 * rms < settings.lr  # the cap applies: Adam's first step moves a weight by about its lr
+    assert moved == pytest.approx(0.15 * rms, rel=0.05)
+
+
 @pytest.mark.parametrize("method", ["closed-form", "activation-match"])
 def test_edit_model_leaves_the_input_model_unchanged(method):
     model = tiny_model()

@@ -17,6 +17,8 @@ from tests.tiny_models import TinyCNN
     # conv5 is one pointwise convolution: the stage climbs to the model's stage4 and conv5.
     ("shufflenet_v2_x0_5", ["stage4", "conv5", "fc"]),
     ("squeezenet1_1", ["features.11", "features.12", "classifier.1"]),
+    # GoogLeNet's blocks are plain attributes: the stage is the last ones, each fed by the one before.
+    ("googlenet", ["inception4e", "maxpool4", "inception5a", "inception5b", "fc"]),
 ])
 def test_auto_selection_is_the_last_stage_then_the_head(arch, expected):
     model = torchvision.models.get_model(arch, weights=None, num_classes=10)
