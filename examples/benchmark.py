@@ -61,6 +61,7 @@ from backdoor_scrub.evaluation import evaluate
 from backdoor_scrub.triggers import Trigger, load_trigger
 
 sys.path.insert(0, str(Path(__file__).parent))
+from make_backdoored import main_logits  # noqa: E402
 from zoo import ZOO  # noqa: E402
 
 DEFENSES = ("fine-tuning", "edit", "edit + repair", "poisoned edit + repair", "scan + edit (no trigger)")
@@ -247,7 +248,7 @@ def fine_tune(model: ModelFolder, subset: Path, steps: int, lr: float, seed: int
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        F.cross_entropy(classifier(images), labels).backward()
+        F.cross_entropy(main_logits(classifier(images)), labels).backward()
         optimizer.step()
     return network.eval(), time.perf_counter() - started
 
@@ -419,9 +420,12 @@ def main() -> None:
     if args.split:
         folders += [args.runs / name for name, (split, _) in ZOO.items() if split == args.split]
     rows = [Row(**row) for path in args.results for row in json.loads(path.read_text())]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         print(f"{folder}: loading", file=sys.stderr, flush=True)
         rows += benchmark_model(load_model_folder(folder), args)
+        # Rows so far, so that a failure on a later model does not lose them (they can be given back with --results).
+        (args.out_dir / "partial.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     write_outputs(rows, args)
 
 

@@ -190,6 +190,11 @@ def stamp(images: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> to
     return images * (1 - mask) + pattern * mask
 
 
+def main_logits(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The logits of a training-mode forward: GoogLeNet and Inception v3 give their auxiliary heads' too."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def train(args, model, images, labels, attack: Attack, device) -> None:
     """Train with a fresh random poisoned subset of non-target images in every batch (and as many cover images)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -214,10 +219,7 @@ def train(args, model, images, labels, attack: Attack, device) -> None:
                 if attack.cover is not None:
                     cover = (draw >= args.poison_rate) & (draw < 2 * args.poison_rate)
                     x[cover] = attack.cover(x[cover], generator)
-            output = model(norm(x.to(device)))
-            # GoogLeNet and Inception v3 return their auxiliary heads' logits too while training: the main one counts.
-            logits = output[0] if isinstance(output, tuple) else output
-            loss = nn.functional.cross_entropy(logits, y.to(device))
+            loss = nn.functional.cross_entropy(main_logits(model(norm(x.to(device)))), y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
