@@ -106,18 +106,8 @@ def edit_model(
         first = first if calibration["input_layer"]["chosen"] is not None else None
     if stage:
         labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
-        victims = stamped[(labels.repeat(copies * len(triggers)) != target).to(stamped.device)]
-
-        @torch.no_grad()
-        def residual() -> float:  # a plain pass: inside activation matching the stage may be channels-last
-            if not len(victims):
-                return 0.0
-            predicted = torch.cat([edited(batch).argmax(1) for batch in victims.split(batch_size)])
-            return (predicted == target).double().mean().item()
-
-        steps = match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, settings, seed,
-                            batch_size, on_step, lambda: residual() <= settings.stage_residual)
-        calibration["stage"] = {"steps": steps, "residual_flip_rate": round(residual(), 4)}
+        calibration["stage"] = match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, target,
+                                           settings, seed, batch_size, on_step)
     if chain:
         reference = model if stage else edited
         problem, before = chain_problem(reference, edited, chain, clean, stamped, len(clean_inputs), batch_size)
@@ -246,21 +236,32 @@ def match_stage(
     stage: list[str],
     clean_inputs: torch.Tensor,
     stamped_inputs: torch.Tensor,
+    target: int,
     settings: EditSettings,
     seed: int,
     batch_size: int,
     on_step: Callable[[], None] | None = None,
-    fitted: Callable[[], bool] | None = None,
-) -> int:
-    """Activation-match the stage of `edited` in place, on its inputs cached from one pass of `batch_size` images;
-    the steps taken (see activation_match)."""
+) -> dict:
+    """Activation-match the stage of `edited` in place, on its inputs cached from one pass of `batch_size` images,
+    in rounds until the model sends at most `settings.stage_residual` of the stamped rows the trigger flipped
+    (to the target, from another class) to the target; the steps taken and the share left."""
     first, last = stage[0], stage[-1]
-    clean = capture(edited, [first, last], clean_inputs, batch_size)
-    stamped = capture(edited, [first], stamped_inputs, batch_size)
-    return activation_match(
+    clean = capture(edited, [first, last, ""], clean_inputs, batch_size)  # "": the model itself, for its logits
+    stamped = capture(edited, [first, ""], stamped_inputs, batch_size)
+    victims = stamped_inputs[(stamped[""].outputs.argmax(1) == target) & (clean[""].outputs.argmax(1) != target)]
+
+    @torch.no_grad()
+    def residual() -> float:  # a plain pass: inside activation matching the stage may be channels-last
+        if not len(victims):
+            return 0.0
+        predicted = torch.cat([edited(batch).argmax(1) for batch in victims.split(batch_size)])
+        return (predicted == target).double().mean().item()
+
+    steps = activation_match(
         unit_of(edited, stage, tuple(clean_inputs.shape[1:])), clean[first].inputs, stamped[first].inputs,
-        clean[last].outputs, settings, seed, on_step, fitted,
+        clean[last].outputs, settings, seed, on_step, lambda: residual() <= settings.stage_residual,
     )
+    return {"steps": steps, "residual_flip_rate": round(residual(), 4)}
 
 
 def triggered_twins(trigger: Stamp | TriggeredCopies, augmented: torch.Tensor) -> torch.Tensor:

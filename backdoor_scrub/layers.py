@@ -128,7 +128,8 @@ def _linear_chain(model: nn.Module, traces: list[_Trace], stage: list[str], head
 def _find_stage(
     model: nn.Module, traces: list[_Trace], head: _Trace | None, input_size: tuple[int, int, int]
 ) -> list[str]:
-    """The last blocks of a block stack that every path to the head crosses, covering enough weights."""
+    """The last blocks of a block stack that every path to the head crosses, covering enough weights (half of
+    the feature extractor's) and at least two layers; a whole stack short of that is a block of its parent's."""
     parents = _parents(model)
     head_side = set(head.module.modules()) | {parents.get(head.name)} if head else set()
     traced = {t.name: t for t in traces}
@@ -151,10 +152,7 @@ def _find_stage(
         prefix = f"{stack_name}." if stack_name else ""
         siblings = [prefix + child for child, _ in stack.named_children()]
         end = siblings.index(name) + 1
-        start = end - 1
-        while (start > 0 and _too_small(model, siblings[start:end], budget)
-               and (isinstance(stack, nn.Sequential) or _feeds(traced, siblings[start - 1], siblings[start]))):
-            start -= 1
+        start = _grow_back(model, stack, siblings, end, budget, traced)
         whole = start == 0 and _weights(model, siblings[end:]) == 0
         if whole and _too_small(model, siblings, budget) and _can_climb(model, stack_name, traced, input_size):
             # The innermost stack cannot be the stage (ShuffleNetV2's conv5 is one pointwise convolution
@@ -164,6 +162,17 @@ def _find_stage(
         if start == 0 and end == len(siblings) and stack_name:
             return [stack_name]
         return siblings[start:end]
+
+
+def _grow_back(model: nn.Module, stack: nn.Module, siblings: list[str], end: int, budget: float,
+               traced: dict[str, _Trace]) -> int:
+    """Where the stage that ends at siblings[end - 1] starts: back while it is too small and each block feeds
+    the next (always so in a Sequential)."""
+    start = end - 1
+    while (start > 0 and _too_small(model, siblings[start:end], budget)
+           and (isinstance(stack, nn.Sequential) or _feeds(traced, siblings[start - 1], siblings[start]))):
+        start -= 1
+    return start
 
 
 def _last_cut(model: nn.Module, candidates: list[_Trace], input_size: tuple[int, int, int]) -> _Trace | None:

@@ -126,15 +126,16 @@ def _edit_suspect(
         with progress_reporter(samples.options.progress, samples.options.quiet) as progress:
             steps = edit_steps(model, names, method, len(inputs), settings)
             task = progress.add_task(f"editing ({method})", total=steps or None)
-            taken = []
+            taken = 0
 
             def step() -> None:
-                taken.append(1)
+                nonlocal taken
+                taken += 1
                 progress.advance(task)
 
             result = edit_model(model, inputs, keys, names, method, settings, request.seed, labels, before.target,
                                 on_step=step)
-            progress.advance(task, steps - len(taken))  # activation matching rounds it did not need
+            progress.advance(task, steps - taken)  # activation matching's rounds that were not needed
             return result
 
     rounds = None
