@@ -98,14 +98,14 @@ def edit_model(
     edited = copy_for_edit(model, stage + chain + ([first] if first else []))
     batch_size = batch_for(settings.batch_size, clean_inputs.shape[1:])
     calibration: dict = {}
-    if first:
+    if first or stage:
         labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
+    if first:
         with fast_layout(edited, clean.device):  # once for all of the calibration's passes
             calibration["input_layer"] = _edit_input_convolution(edited, first, clean, stamped, len(clean_inputs),
                                                                  labels, target, settings, batch_size)
         first = first if calibration["input_layer"]["chosen"] is not None else None
     if stage:
-        labels, target = _labels_and_target(model, clean_inputs, triggers[0], labels, target, batch_size)
         calibration["stage"] = match_stage(edited, stage, clean.repeat(len(triggers), 1, 1, 1), stamped, target,
                                            settings, seed, batch_size, on_step)
     if chain:
