@@ -250,18 +250,22 @@ def match_stage(
     stamped = capture(edited, [first, ""], stamped_inputs, batch_size)
     victims = stamped_inputs[(stamped[""].outputs.argmax(1) == target) & (clean[""].outputs.argmax(1) != target)]
 
+    left: list[float] = []  # after each round; activation matching checks at least once, after its last step
+
     @torch.no_grad()
-    def residual() -> float:  # a plain pass: inside activation matching the stage may be channels-last
-        if not len(victims):
-            return 0.0
-        predicted = torch.cat([edited(batch).argmax(1) for batch in victims.split(batch_size)])
-        return (predicted == target).double().mean().item()
+    def fitted() -> bool:  # a plain pass: inside activation matching the stage may be channels-last
+        share = 0.0
+        if len(victims):
+            predicted = torch.cat([edited(batch).argmax(1) for batch in victims.split(batch_size)])
+            share = (predicted == target).double().mean().item()
+        left.append(share)
+        return share <= settings.stage_residual
 
     steps = activation_match(
         unit_of(edited, stage, tuple(clean_inputs.shape[1:])), clean[first].inputs, stamped[first].inputs,
-        clean[last].outputs, settings, seed, on_step, lambda: residual() <= settings.stage_residual,
+        clean[last].outputs, settings, seed, on_step, fitted,
     )
-    return {"steps": steps, "residual_flip_rate": round(residual(), 4)}
+    return {"steps": steps, "residual_flip_rate": round(left[-1], 4)}
 
 
 def triggered_twins(trigger: Stamp | TriggeredCopies, augmented: torch.Tensor) -> torch.Tensor:

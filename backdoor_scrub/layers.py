@@ -30,8 +30,8 @@ class _Trace:
     output_shape: list[int] | None
     single_tensor: bool
     takes_network_input: bool
-    input_id: int | None = None  # identities of the dry run's tensors: which module's output fed which module
-    output_id: int | None = None
+    input_id: int | None  # identities of the dry run's tensors: which module's output fed which module
+    output_id: int | None
 
 
 def describe_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
@@ -149,8 +149,7 @@ def _find_stage(
     while True:
         stack_name = name.rpartition(".")[0]
         stack = parents[name]
-        prefix = f"{stack_name}." if stack_name else ""
-        siblings = [prefix + child for child, _ in stack.named_children()]
+        siblings = _siblings(parents, name)
         end = siblings.index(name) + 1
         start = _grow_back(model, stack, siblings, end, budget, traced)
         whole = start == 0 and _weights(model, siblings[end:]) == 0
@@ -180,12 +179,17 @@ def _last_cut(model: nn.Module, candidates: list[_Trace], input_size: tuple[int,
     return next((t for t in reversed(candidates) if is_cut(model, t.module, input_size)), None)
 
 
+def _siblings(parents: dict[str, nn.Module], name: str) -> list[str]:
+    """The full names of the children of `name`'s parent, `name` among them, in registration order."""
+    prefix = name.rpartition(".")[0]
+    return [f"{prefix}.{child}" if prefix else child for child, _ in parents[name].named_children()]
+
+
 def _previous_sibling(parents: dict[str, nn.Module], name: str) -> str | None:
     """The name of the child registered just before `name` in its parent, if any."""
-    prefix, _, child = name.rpartition(".")
-    children = [c for c, _ in parents[name].named_children()]
-    index = children.index(child)
-    return None if index == 0 else (f"{prefix}." if prefix else "") + children[index - 1]
+    siblings = _siblings(parents, name)
+    index = siblings.index(name)
+    return siblings[index - 1] if index else None
 
 
 def feeds_in_turn(model: nn.Module, names: list[str], input_size: tuple[int, int, int]) -> bool:
