@@ -36,6 +36,7 @@ class EditSettings:
     input_strengths: tuple[Strength, ...] = (Strength(1.0, 1e-4), Strength(10.0, 1e-4))
     input_max_changed: float = 0.5  # a patch changes few of the first convolution's receptive fields
     input_max_remaining: float = 0.5  # an input edit must stop at least half of the held-out flips
+    input_max_lost: float = 0.02  # ... and get at most 2% of the held-out samples fewer right
     folds: int = 5
     steps: int = 50  # activation matching runs this many steps a round, up to `stage_rounds` rounds,
     stage_rounds: int = 6  # until the stage alone stops all but `stage_residual` of the samples' flips
@@ -130,7 +131,7 @@ def _edit_input_convolution(edited: nn.Module, name: str, clean: torch.Tensor, s
     return calibrate_input_edit(
         edited, name, clean, stamped, samples, labels, target, list(settings.input_strengths), settings.folds,
         batch_size, lambda x: forward_batched(edited, x, batch_size), settings.input_max_changed,
-        settings.input_max_remaining)
+        settings.input_max_remaining, settings.input_max_lost)
 
 
 @torch.no_grad()
