@@ -40,7 +40,7 @@ class EditSettings:
     folds: int = 5
     steps: int = 50  # activation matching runs this many steps a round, up to `stage_rounds` rounds,
     stage_rounds: int = 6  # until the stage alone stops all but `stage_residual` of the samples' flips
-    stage_residual: float = 0.1
+    stage_residual: float = 0.05
     lr: float = 3e-3
     max_relative_step: float = 0.15  # activation matching's lr is at most this times the stage's weight RMS
     preserve: float = 1.0

@@ -131,7 +131,7 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     assert entry["after"]["attack_success_rate"] < 0.1
     stage = entry["calibration"]["stage"]  # rounds of 50 steps until the stage alone stops the samples' flips
     assert stage["steps"] % 50 == 0 and 50 <= stage["steps"] <= 300
-    assert stage["residual_flip_rate"] <= 0.1 or stage["steps"] == 300
+    assert stage["residual_flip_rate"] <= 0.05 or stage["steps"] == 300
 
 
 @pytest.mark.parametrize("given_as", ["png", "copies"])
