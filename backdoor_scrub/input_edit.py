@@ -136,9 +136,9 @@ def calibrate_input_edit(
     max_folds: int,
     batch_size: int,
     logits: Callable[[torch.Tensor], torch.Tensor],
-    max_changed: float = 0.5,
-    max_remaining: float = 0.5,
-    max_lost: float = 0.02,
+    max_changed: float,
+    max_remaining: float,
+    max_lost: float,
 ) -> dict:
     """Edit `model`'s input convolution in place with the strength that held-out folds favour, or leave it;
     the report of what was chosen (`chosen` None: left alone) and why.
