@@ -24,6 +24,10 @@ Measured on the whole test folder, against the true target:
 Beside ASR, its floor: the share of the same images the defended model assigns to the target with
 no trigger at all (evaluate's `clean_target_rate`). ASR cannot fall below it by removing a backdoor,
 and on models of 81-87% CA it is 1-8% here; "ASR over its floor" is what the trigger still causes.
+Beside it, the clean model's ASR: the same measurement on the zoo's never-backdoored model of the
+same architecture (`reference` split, under --runs), where there is one. A full-image trigger sends
+some images to the target of a model that never learnt it (up to 18% here); rows read with
+--results that lack it get it measured.
 
 Seconds are divided by one fresh `python -m backdoor_scrub evaluate` of the test folder, timed
 in the same run. Writes results.json (every row), benchmark.md (per-model rows and a summary
@@ -62,7 +66,7 @@ from backdoor_scrub.triggers import Trigger, load_trigger
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_backdoored import main_logits  # noqa: E402
-from zoo import ZOO  # noqa: E402
+from zoo import ZOO, clean_reference  # noqa: E402
 
 DEFENSES = ("fine-tuning", "edit", "edit + repair", "poisoned edit + repair", "scan + edit (no trigger)")
 DEVICE = torch.device("cpu")
@@ -117,6 +121,12 @@ class Row:
     flagged: list[int] | None = None
     true_target: int | None = None
     asr_floor: float | None = None  # non-target test images the defended model sends to the target unstamped
+    clean_model_asr: float | None = None  # the ASR of the zoo's never-backdoored model of the same architecture
+
+    @property
+    def asr_over_clean_model(self) -> float | None:
+        """ASR minus a never-backdoored model's: what is left beyond the trigger's effect on any model."""
+        return None if self.clean_model_asr is None else self.attack_success_rate - self.clean_model_asr
 
     @property
     def asr_over_floor(self) -> float | None:
@@ -283,17 +293,45 @@ def defenses(model: ModelFolder, per_class: int, draw: int, last_k: bool, args) 
     return [m for m in measured if m[0] in args.defenses]
 
 
+def clean_model_asr(model: ModelFolder, runs: Path) -> float | None:
+    """The ASR of the zoo's never-backdoored model of the same architecture on this model's test images, trigger
+    and target (None: no such model under `runs`, or one of another input size or normalisation).
+
+    A full-image trigger also sends some images to the target class of a model that never saw it (a 20%
+    blend makes a picture look like a shirt): that share is reached without any backdoor."""
+    name = clean_reference(model.checkpoint.spec.arch)
+    path = runs / name / "model.safetensors" if name else None
+    if path is None or not path.exists():
+        return None
+    reference = load_checkpoint(path)
+    if reference.spec != model.checkpoint.spec:
+        return None
+    return measure(model, reference.model)[1]
+
+
+def fill_clean_model_asr(rows: list[Row], runs: Path) -> None:
+    """Give rows read from earlier results (which lack it) their model's clean-model ASR, where its folder is here."""
+    for name in dict.fromkeys(r.model for r in rows if r.clean_model_asr is None and r.attack != "none"):
+        if (runs / name / "model.safetensors").exists():
+            value = clean_model_asr(load_model_folder(runs / name), runs)
+            for r in rows:
+                if r.model == name:
+                    r.clean_model_asr = value
+
+
 def benchmark_model(model: ModelFolder, args: argparse.Namespace) -> list[Row]:
     """All rows of one model: no defense, then each defense at each sample count and draw."""
     evaluate_seconds = time_evaluate(model)
     base = measure(model, model.checkpoint.model)
     base_ca, _, base_target, _ = base
+    reference_asr = None if model.attack == "none" else clean_model_asr(model, args.runs)
 
     def row(per_class: int, draw: int, defense: str, network: nn.Module | None, seconds: float | None,
             seed: int = 0, flagged: list[int] | None = None) -> Row:
         ca, asr, target, floor = base if network is None else measure(model, network)
         return Row(model.name, model.checkpoint.spec.arch, model.attack, per_class, draw, defense, ca, asr, target,
-                   ca - base_ca, target - base_target, seconds, evaluate_seconds, seed, flagged, model.target, floor)
+                   ca - base_ca, target - base_target, seconds, evaluate_seconds, seed, flagged, model.target, floor,
+                   reference_asr)
 
     rows = [row(0, 0, "no defense", None, None)]
     for per_class in args.samples:
@@ -314,13 +352,15 @@ def percent(value: float | None, signed: bool = False) -> str:
 def model_table(rows: list[Row]) -> str:
     """Every row as a markdown table."""
     lines = ["| model | arch | attack | samples/class | draw | defense | CA | CA change (pt) | ASR | ASR floor | "
-             "target-class change (pt) | seconds | ÷ evaluate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "clean model's ASR | target-class change (pt) | seconds | ÷ evaluate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seconds = "–" if r.seconds is None else f"{r.seconds:.1f}"
         ratio = "–" if r.ratio is None else f"{r.ratio:.2f}"
         lines.append(f"| {r.model} | {r.arch} | {r.attack} | {r.samples or '–'} | {r.draw} | {r.defense} | "
                      f"{percent(r.clean_accuracy)} | {percent(r.ca_change, True)} | {percent(r.attack_success_rate)} | "
-                     f"{percent(r.asr_floor)} | {percent(r.target_change, True)} | {seconds} | {ratio} |")
+                     f"{percent(r.asr_floor)} | {percent(r.clean_model_asr)} | {percent(r.target_change, True)} | "
+                     f"{seconds} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -328,22 +368,30 @@ def summary_table(rows: list[Row]) -> str:
     """Per (samples/class, defense): median and worst over backdoored models and draws of each column."""
     rows = [r for r in rows if r.attack != "none"]
     lines = ["| samples/class | defense | runs | ASR median / worst | ASR over its floor median / worst (pt) | "
-             "CA change median / worst (pt) | target-class change median / worst (pt) | ÷ evaluate median / worst |",
-             "|---|---|---|---|---|---|---|---|"]
+             "ASR over a clean model's median / worst (pt) | CA change median / worst (pt) | "
+             "target-class change median / worst (pt) | ÷ evaluate median / worst |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups = dict.fromkeys((r.samples, r.defense) for r in rows if r.defense != "no defense")
     for samples, defense in sorted(groups, key=lambda g: (g[0], DEFENSES.index(g[1]))):
         group = [r for r in rows if (r.samples, r.defense) == (samples, defense)]
         asr = [r.attack_success_rate for r in group]
-        over = [r.asr_over_floor for r in group if r.asr_over_floor is not None]
-        over_cell = f"{percent(statistics.median(over), True)} / {percent(max(over), True)}" if over else "–"
+        over_floor = median_and_worst([r.asr_over_floor for r in group])
+        over_clean = median_and_worst([r.asr_over_clean_model for r in group])
         ca, target = [r.ca_change for r in group], [r.target_change for r in group]
         ratios = [r.ratio for r in group if r.ratio is not None]
         lines.append(
-            f"| {samples} | {defense} | {len(group)} | {percent(statistics.median(asr))} / {percent(max(asr))} | {over_cell} | "
+            f"| {samples} | {defense} | {len(group)} | {percent(statistics.median(asr))} / {percent(max(asr))} | "
+            f"{over_floor} | {over_clean} | "
             f"{percent(statistics.median(ca), True)} / {percent(min(ca), True)} | "
             f"{percent(statistics.median(target), True)} / {percent(min(target), True)} | "
             f"{statistics.median(ratios):.2f} / {max(ratios):.2f} |")
     return "\n".join(lines)
+
+
+def median_and_worst(changes: list[float | None]) -> str:
+    """'median / largest' of the changes that were measured, in signed points, or a dash."""
+    measured = [c for c in changes if c is not None]
+    return f"{percent(statistics.median(measured), True)} / {percent(max(measured), True)}" if measured else "–"
 
 
 def no_trigger_table(rows: list[Row]) -> str:
@@ -420,6 +468,7 @@ def main() -> None:
     if args.split:
         folders += [args.runs / name for name, (split, _) in ZOO.items() if split == args.split]
     rows = [Row(**row) for path in args.results for row in json.loads(path.read_text())]
+    fill_clean_model_asr(rows, args.runs)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         print(f"{folder}: loading", file=sys.stderr, flush=True)

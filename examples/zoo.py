@@ -102,6 +102,14 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def clean_reference(arch: str) -> str | None:
+    """The zoo's never-backdoored model of this architecture (the `reference` split), or None."""
+    for name, (split, arguments) in ZOO.items():
+        if split == "reference" and arguments[arguments.index("--arch") + 1] == arch:
+            return name
+    return None
+
+
 def main() -> None:
     """List the zoo or train one of its models."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
