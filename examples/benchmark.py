@@ -311,7 +311,8 @@ def clean_model_asr(model: ModelFolder, runs: Path) -> float | None:
 
 def fill_clean_model_asr(rows: list[Row], runs: Path) -> None:
     """Give rows read from earlier results (which lack it) their model's clean-model ASR, where its folder is here."""
-    for name in dict.fromkeys(r.model for r in rows if r.clean_model_asr is None and r.attack != "none"):
+    lacking = [r for r in rows if r.clean_model_asr is None and r.attack != "none" and clean_reference(r.arch)]
+    for name in dict.fromkeys(r.model for r in lacking):
         if (runs / name / "model.safetensors").exists():
             value = clean_model_asr(load_model_folder(runs / name), runs)
             for r in rows:
