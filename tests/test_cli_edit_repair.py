@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from backdoor_scrub.checkpoint import load_checkpoint
+from backdoor_scrub.editing import EditSettings
 from tests.conftest import run_scrub
 from tests.test_triggered_dir import write_triggered_copies
 
@@ -129,9 +130,11 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     assert entry["layers"] == ["features.0.0", "features.10", "features.11", "features.12", "classifier.0",
                                "classifier.3"]
     assert entry["after"]["attack_success_rate"] < 0.1
-    stage = entry["calibration"]["stage"]  # rounds of 50 steps until the stage alone stops the samples' flips
-    assert stage["steps"] % 50 == 0 and 50 <= stage["steps"] <= 300
-    assert stage["residual_flip_rate"] <= 0.05 or stage["steps"] == 300
+    stage = entry["calibration"]["stage"]  # rounds of steps until the stage alone stops the samples' flips
+    settings = EditSettings()
+    most = settings.steps * settings.stage_rounds
+    assert stage["steps"] % settings.steps == 0 and settings.steps <= stage["steps"] <= most
+    assert stage["residual_flip_rate"] <= settings.stage_residual or stage["steps"] == most
 
 
 @pytest.mark.parametrize("given_as", ["png", "copies"])
