@@ -14,6 +14,7 @@ MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 128 << 10  # glibc's default
 STEP_MMAP_THRESHOLD_BYTES = 32 << 20  # the most glibc's own adjustment would raise it to (64-bit)
 _fixed: tuple[ctypes.CDLL, int] | None = None  # glibc and the threshold keep_large_buffers_mapped fixed
+_loops = 0  # heap_for_repeated_steps blocks open (an inner one changes nothing)
 
 
 def keep_large_buffers_mapped(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -44,12 +45,13 @@ def heap_for_repeated_steps() -> Iterator[None]:
 
     An optimisation loop (activation matching, the scan) allocates the same activations and gradients
     every step. With each of them its own mapping, every step maps, faults in (zeroes) and unmaps them
-    again: a ResNet-18 `layer4` step took 93 ms instead of 67 ms. Its heap cannot grow step after step the
+    again: a ResNet-18 `layer4` step took 93 ms instead of 67 ms. Its heap does not grow step after step the
     way a stream of ever new batches makes it grow: the same sizes come back. Nothing is changed where
     keep_large_buffers_mapped did not fix the threshold, nor the trim threshold where the user set
-    MALLOC_TRIM_THRESHOLD_.
+    MALLOC_TRIM_THRESHOLD_; a block inside another one changes nothing.
     """
-    if _fixed is None:
+    global _loops
+    if _fixed is None or _loops:
         yield
         return
     libc, threshold = _fixed
@@ -57,9 +59,11 @@ def heap_for_repeated_steps() -> Iterator[None]:
     if trim:
         libc.mallopt(M_TRIM_THRESHOLD, 2 * STEP_MMAP_THRESHOLD_BYTES)
     libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES)
+    _loops += 1
     try:
         yield
     finally:
+        _loops -= 1
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
         if trim:
             libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)

@@ -12,7 +12,7 @@ import pytest
 
 # In a fresh process: free a 16 MiB block (by default glibc then raises its mmap threshold to 16 MiB),
 # allocate 8 MiB, and say whether that block is a mapping of its own (mallinfo2's hblkhd). "steps" asks it
-# inside heap_for_repeated_steps first, then again after it.
+# inside heap_for_repeated_steps first (after an inner block has ended), then again after it.
 PROBE = """
 import ctypes, ctypes.util, sys
 from backdoor_scrub.native_memory import heap_for_repeated_steps, keep_large_buffers_mapped
@@ -30,6 +30,8 @@ def mapped_after_a_larger_free():
 set_by_scrub = keep_large_buffers_mapped() if sys.argv[1] != "default" else None
 if sys.argv[1] == "steps":
     with heap_for_repeated_steps():
+        with heap_for_repeated_steps():
+            pass
         print(mapped_after_a_larger_free(), end=" ")
 print(set_by_scrub, mapped_after_a_larger_free())
 """
