@@ -14,7 +14,7 @@ MMAP_THRESHOLD_BYTES = 4 << 20
 TRIM_THRESHOLD_BYTES = 128 << 10  # glibc's default
 STEP_MMAP_THRESHOLD_BYTES = 32 << 20  # the most glibc's own adjustment would raise it to (64-bit)
 _fixed: tuple[ctypes.CDLL, int] | None = None  # glibc and the threshold keep_large_buffers_mapped fixed
-_loops = 0  # heap_for_repeated_steps blocks open (an inner one changes nothing)
+_in_loop = False  # a heap_for_repeated_steps block has set the loop's thresholds (an inner one changes nothing)
 
 
 def keep_large_buffers_mapped(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -50,8 +50,8 @@ def heap_for_repeated_steps() -> Iterator[None]:
     keep_large_buffers_mapped did not fix the threshold, nor the trim threshold where the user set
     MALLOC_TRIM_THRESHOLD_; a block inside another one changes nothing.
     """
-    global _loops
-    if _fixed is None or _loops:
+    global _in_loop
+    if _fixed is None or _in_loop:
         yield
         return
     libc, threshold = _fixed
@@ -59,11 +59,11 @@ def heap_for_repeated_steps() -> Iterator[None]:
     if trim:
         libc.mallopt(M_TRIM_THRESHOLD, 2 * STEP_MMAP_THRESHOLD_BYTES)
     libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_THRESHOLD_BYTES)
-    _loops += 1
+    _in_loop = True
     try:
         yield
     finally:
-        _loops -= 1
+        _in_loop = False
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
         if trim:
             libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
