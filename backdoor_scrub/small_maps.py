@@ -55,6 +55,8 @@ def plan_small_map(conv: nn.Conv2d, input_size: tuple[int, int]) -> SmallMapPlan
     if not plain:
         return None
     axes = [_live_taps(*axis) for axis in zip(input_size, conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+    if None in axes:  # no tap reads the input at all: nothing to gain, and no window to cut
+        return None
     (first_row, last_row, out_rows, top, bottom), (first_col, last_col, out_cols, left, right) = axes
     cut = (last_row - first_row + 1, last_col - first_col + 1) != tuple(conv.kernel_size)
     linear = conv.groups == 1 and out_rows * out_cols == 1
@@ -64,8 +66,9 @@ def plan_small_map(conv: nn.Conv2d, input_size: tuple[int, int]) -> SmallMapPlan
                         (left, right, top, bottom), linear)
 
 
-def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int, int, int, int]:
-    """Along one axis: (first live tap, last live tap, output length, padding before, padding after) for the cut kernel.
+def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, ...] | None:
+    """Along one axis: (first live tap, last live tap, output length, padding before, padding after) for the
+    cut kernel, or None when no tap reads the input.
 
     A tap is live when some output position reads an input position (not padding) with it; the live
     taps are consecutive, since the position a tap reads grows with the tap.
@@ -73,6 +76,8 @@ def _live_taps(size: int, kernel: int, stride: int, padding: int, dilation: int)
     outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     live = [tap for tap in range(kernel)
             if any(0 <= position * stride - padding + tap * dilation < size for position in range(outputs))]
+    if not live:
+        return None
     first, last = live[0], live[-1]
     before = padding - first * dilation
     reach = (outputs - 1) * stride + (last - first) * dilation + 1

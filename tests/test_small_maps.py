@@ -55,6 +55,7 @@ def test_plans_cut_dead_taps_and_make_single_positions_linear():
     assert (depthwise.rows, depthwise.linear) == (slice(2, 3), False)
     assert plan_small_map(nn.Conv2d(4, 4, 3, padding=1), (8, 8)) is None
     assert plan_small_map(nn.Conv2d(4, 4, 3, padding="same"), (1, 1)) is None
+    assert plan_small_map(nn.Conv2d(4, 4, 1, stride=2, padding=1), (1, 1)) is None  # every tap reads padding
 
 
 def test_a_cut_tap_is_left_exactly_as_it_was_by_adam():
