@@ -59,7 +59,11 @@ def plan_small_map(conv: nn.Conv2d, input_size: tuple[int, int]) -> SmallMapPlan
         return None
     (first_row, last_row, out_rows, top, bottom), (first_col, last_col, out_cols, left, right) = axes
     cut = (last_row - first_row + 1, last_col - first_col + 1) != tuple(conv.kernel_size)
-    linear = conv.groups == 1 and out_rows * out_cols == 1
+    # A single output position is the linear map of its window when the window holds the taps and
+    # nothing between them (no dilation gaps).
+    gapless = all(dilation == 1 or first == last for dilation, first, last in
+                  zip(conv.dilation, (first_row, first_col), (last_row, last_col)))
+    linear = conv.groups == 1 and out_rows * out_cols == 1 and gapless
     if not (cut or linear):
         return None
     return SmallMapPlan(tuple(input_size), slice(first_row, last_row + 1), slice(first_col, last_col + 1),

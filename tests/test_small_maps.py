@@ -22,6 +22,7 @@ CASES = [
     (8, 6, 1, 1, 0, 1, 1, True, 1),  # 1x1 kernel, one position -> linear
     (8, 6, 3, 1, 2, 2, 1, False, 2),  # dilated on 2x2: only the centre tap lives, four positions
     (8, 6, 3, 1, 1, 1, 1, False, 3),  # 3x3 map: nothing to cut, nine positions -> no plan
+    (8, 6, 3, 1, 0, 2, 1, True, 5),  # dilated, one position, every tap live: gaps in the window -> no plan
 ]
 
 
