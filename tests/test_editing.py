@@ -133,6 +133,20 @@ def test_activation_matching_runs_more_rounds_until_fitted():
     assert activation_match(unit_of(tiny_model(), STAGE, (3, 8, 8)), *arguments, fitted=lambda: False) == 12
 
 
+def test_activation_matching_runs_single_position_convolutions_in_their_small_map_form():
+    model = tiny_model()  # features.2: a 2x2 kernel on a 2x2 map, one output position
+    clean_images = images()
+    clean = capture(model, ["features.1", "features.2"], clean_images)
+    stamped = capture(model, ["features.1"], corner_trigger().stamp(clean_images))
+    last = model.features[2][0]
+    inside = []
+    activation_match(unit_of(model, STAGE, (3, 8, 8)), clean["features.1"].inputs, stamped["features.1"].inputs,
+                     clean["features.2"].outputs, EditSettings(steps=2, stage_rounds=1), 0,
+                     fitted=lambda: inside.append("forward" in vars(last)) or True)
+    assert inside == [True]
+    assert "forward" not in vars(last)
+
+
 def test_an_activation_matching_step_is_bounded_by_the_stages_weight_scale():
     model = tiny_model()
     with torch.no_grad():

@@ -197,6 +197,25 @@ def test_the_scan_verdict_does_not_depend_on_the_seed(demo, seed):
     assert json.loads(result.stdout)["models"][0]["scan"]["flagged"] == [0]
 
 
+def test_the_scans_steps_run_small_map_convolutions_in_their_smaller_form():
+    torch.manual_seed(0)
+    model = wide_cnn().eval()  # on 2x2 images the stage's 3x3 convolutions see 1x1 maps
+    conv = model.stage[0].conv1
+    seen = []
+
+    class Recorder:  # stands in for the progress bar, which reconstruct advances once a step
+        def add_task(self, *args, **kwargs):
+            return 0
+
+        def advance(self, task):
+            seen.append("forward" in vars(conv))
+
+    scan_module.reconstruct(model, torch.rand(6, 3, 2, 2), torch.arange(6) % 2, [0], ScanSettings(steps=3), 0,
+                            Recorder())
+    assert seen == [True] * 3
+    assert "forward" not in vars(conv)
+
+
 def test_dilated_grows_the_mask_by_one_pixel_and_keeps_the_pattern():
     from backdoor_scrub.scan import dilated
     from backdoor_scrub.triggers import Trigger
