@@ -14,11 +14,9 @@ from torch.nn import functional as F
 
 from backdoor_scrub.chain_edit import Strength, calibrate, chain_problem, strength_grid
 from backdoor_scrub.errors import usage_error
-from backdoor_scrub.inference import batch_for, fast_layout, forward_batched
+from backdoor_scrub.inference import batch_for, fast_layout, forward_batched, optimisation_steps
 from backdoor_scrub.input_edit import calibrate_input_edit, input_convolution
 from backdoor_scrub.layers import feeds_in_turn, is_linear_map
-from backdoor_scrub.native_memory import heap_for_repeated_steps
-from backdoor_scrub.small_maps import small_map_convolutions
 from backdoor_scrub.triggers import Stamp, TriggeredCopies
 
 METHODS = ("closed-form", "activation-match")
@@ -365,8 +363,7 @@ def activation_match(
     scale = clean_outputs.pow(2).mean().clamp_min(1e-12)
     optimizer = _adam(parameters, min(settings.lr, settings.max_relative_step * _weight_rms(parameters)))
     generator = torch.Generator().manual_seed(seed)
-    with (torch.enable_grad(), fast_layout(unit, clean_inputs.device), small_map_convolutions(unit, clean_inputs[:1]),
-          heap_for_repeated_steps()):
+    with torch.enable_grad(), optimisation_steps(unit, clean_inputs[:1]):
         for p in parameters:
             p.requires_grad_(True)
         for step in range(1, settings.steps * settings.stage_rounds + 1):

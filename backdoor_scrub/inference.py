@@ -1,4 +1,4 @@
-"""Device selection, thread count, batch sizes and batched prediction."""
+"""Device selection, thread count, batch sizes, batched prediction and the block optimisation loops run in."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from torch import nn
 
 from backdoor_scrub.data import to_unit_range
 from backdoor_scrub.errors import input_error
+from backdoor_scrub.native_memory import heap_for_repeated_steps
+from backdoor_scrub.small_maps import small_map_convolutions
 
 _RELAID: set[int] = set()  # ids of the models inside a fast_layout block
 
@@ -86,6 +88,15 @@ def fast_layout(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     finally:
         _RELAID.discard(id(model))
         _relayout(model, torch.contiguous_format)
+
+
+@contextmanager
+def optimisation_steps(model: nn.Module, example: torch.Tensor) -> Iterator[nn.Module]:
+    """The block an optimisation loop (activation matching, the scan) runs its steps in: `model` in its fast
+    layout, its convolutions on tiny maps in their smaller form for inputs shaped like `example` (one row),
+    and glibc's heap for the buffers every step allocates again."""
+    with fast_layout(model, example.device), small_map_convolutions(model, example), heap_for_repeated_steps():
+        yield model
 
 
 def _has_grouped_convolution(model: nn.Module) -> bool:

@@ -12,9 +12,7 @@ from rich.progress import Progress
 from torch import nn
 from torch.nn import functional as F
 
-from backdoor_scrub.inference import fast_layout
-from backdoor_scrub.native_memory import heap_for_repeated_steps
-from backdoor_scrub.small_maps import small_map_convolutions
+from backdoor_scrub.inference import optimisation_steps
 from backdoor_scrub.triggers import Trigger
 
 MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a normal distribution's sigma
@@ -196,7 +194,7 @@ def reconstruct(
     targets = torch.tensor(classes, device=device)
     task = progress.add_task(label, total=settings.steps) if progress else None
     classifier.eval()
-    with fast_layout(classifier, device), small_map_convolutions(classifier, images[:1]), heap_for_repeated_steps():
+    with optimisation_steps(classifier, images[:1]):
         for step in range(settings.steps):
             batch = torch.randperm(len(images), generator=generator)[: settings.batch_size].to(device)
             mask, pattern = torch.sigmoid(mask_logits), torch.sigmoid(pattern_logits)
