@@ -359,11 +359,12 @@ def activation_match(
     steps taken. It runs `settings.steps` steps, then more rounds of as many while `fitted()` says no (up to
     `settings.stage_rounds`); `on_step` is called after each step (progress)."""
     unit.eval()
-    parameters = list(unit.parameters())
+    lr = min(settings.lr, settings.max_relative_step * _weight_rms(list(unit.parameters())))
     scale = clean_outputs.pow(2).mean().clamp_min(1e-12)
-    optimizer = _adam(parameters, min(settings.lr, settings.max_relative_step * _weight_rms(parameters)))
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad(), optimisation_steps(unit, clean_inputs[:1]):
+        parameters = list(unit.parameters())  # taken inside the block: a cut convolution's are its live taps
+        optimizer = _adam(parameters, lr)
         for p in parameters:
             p.requires_grad_(True)
         for step in range(1, settings.steps * settings.stage_rounds + 1):

@@ -35,14 +35,18 @@ def test_the_smaller_form_gives_the_same_outputs_and_gradients(case):
     expected = conv(images)
     expected_weight, expected_input = torch.autograd.grad(expected.pow(3).sum(), [conv.weight, images])
 
-    planned = plan_small_map(conv, (side, side)) is not None
+    plan = plan_small_map(conv, (side, side))
+    live = (slice(None), slice(None), plan.rows, plan.cols) if plan else (...,)
     with small_map_convolutions(conv, images[:1]):
-        assert ("forward" in vars(conv)) == planned
+        assert ("forward" in vars(conv)) == (plan is not None)
         got = conv(images)
         weight_grad, input_grad = torch.autograd.grad(got.pow(3).sum(), [conv.weight, images])
 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(weight_grad, expected_weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight_grad, expected_weight[live], rtol=1e-5, atol=1e-5)  # the live taps' gradient
+    dead = torch.ones_like(expected_weight, dtype=torch.bool)
+    dead[live] = False
+    assert not expected_weight[dead].any()  # what was cut has no gradient
     torch.testing.assert_close(input_grad, expected_input, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(conv)
 
@@ -66,8 +70,8 @@ def test_a_cut_tap_is_left_exactly_as_it_was_by_adam():
     initial = [conv.weight.detach().clone() for conv in (unit[0], unit[2])]
     inputs = torch.randn(16, 6, 1, 1)
     for model, block in ((reference, contextlib.nullcontext()), (unit, small_map_convolutions(unit, inputs[:1]))):
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         with block:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)  # inside: the live taps' parameters
             assert ("forward" in vars(model[0])) == (model is unit)
             for _ in range(20):
                 optimizer.zero_grad()
@@ -95,3 +99,22 @@ def test_inputs_of_another_size_take_the_usual_path_and_custom_convolutions_are_
         got = unit(larger)
     assert "forward" not in vars(unit[0])
     torch.testing.assert_close(got, unit(larger))
+
+
+def test_inside_the_block_a_cut_kernel_is_its_live_taps_and_they_are_written_back():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    kernel = conv.weight
+    before = kernel.detach().clone()
+    larger = torch.randn(2, 4, 5, 5)
+    with small_map_convolutions(conv, torch.randn(1, 4, 1, 1)):
+        assert conv.weight.shape == (3, 4, 1, 1) and conv.weight is not kernel
+        with torch.no_grad():
+            conv.weight += 1.0
+        on_larger = conv(larger)  # another size: the full kernel, with the live taps as they are now
+    assert conv.weight is kernel
+    centre = torch.zeros(3, 3, dtype=torch.bool)
+    centre[1, 1] = True
+    assert torch.equal(kernel.detach()[:, :, centre], before[:, :, centre] + 1)
+    assert torch.equal(kernel.detach()[:, :, ~centre], before[:, :, ~centre])
+    torch.testing.assert_close(on_larger, conv(larger))
