@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from backdoor_scrub.inference import fast_layout
+
 
 @dataclass
 class Head:
@@ -29,8 +31,9 @@ class Head:
         captured: list[torch.Tensor] = []
         handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().clone()))
         try:
-            for batch in inputs.split(batch_size):
-                model.eval()(batch)
+            with fast_layout(model, inputs.device):
+                for batch in inputs.split(batch_size):
+                    model.eval()(batch)
         finally:
             handle.remove()
         return torch.cat(captured)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backdoor_scrub.head import Head
 from backdoor_scrub.inference import fast_layout, forward_batched
 
 CPU = torch.device("cpu")
@@ -50,3 +51,15 @@ def test_an_inner_block_for_the_same_model_keeps_the_outer_layout_until_the_oute
         forward_batched(model, images, batch_size=2)  # a pass inside: its own block must not undo the outer one
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_the_heads_cached_features_come_from_a_pass_in_the_fast_layout():
+    model, images = _grouped(), torch.rand(5, 3, 12, 12)
+    layouts = []
+    model[0].register_forward_pre_hook(
+        lambda conv, _args: layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last)))
+    features = Head(model[5], "5").features(model, images, batch_size=2)
+    assert layouts == [True, True, True]  # every batch of the backbone's pass
+    assert all(p.is_contiguous() for p in model.parameters())
+    expected = model[:5](images)
+    assert torch.allclose(features, expected, atol=1e-5)
