@@ -111,7 +111,7 @@ def _small_map_forward(conv: nn.Conv2d, plan: SmallMapPlan, kernel: torch.Tensor
         if plan.cut:
             weight = kernel.detach().clone()
             weight[:, :, plan.rows, plan.cols] = conv.weight
-        return conv._conv_forward(images, weight, conv.bias)
+        return F.conv2d(images, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if any(plan.padding):
         images = F.pad(images, plan.padding)
     if plan.linear:
