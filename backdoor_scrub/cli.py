@@ -362,7 +362,9 @@ def edit(models, clean_dir, target, layers, method, seed, rounds, as_json, quiet
     Stamped clean samples are made to produce the activations of their clean versions while
     clean activations are kept. Writes <stem>.scrubbed.safetensors beside each model.
     Without --trigger, a scan (as `inspect --scan`) reconstructs the trigger of every flagged
-    class and each is unlearned; when nothing is flagged, nothing is written (exit 0).
+    class and each is unlearned, after the input convolution is restricted to what the samples
+    contain (their colours, on greyscale pictures); when nothing is flagged, nothing is written
+    (exit 0).
 
     \b
       scrub edit model.safetensors --clean-dir samples/ --trigger trigger.png

@@ -158,6 +158,10 @@ def _before_after(entry: dict, step: dict) -> Table:
              f"{', '.join(step['layers'])}), target {_target(step)}, {entry['seconds']:.1f} s")
     if "poisoned_dir" in step["trigger"]:
         title += f"\n{step['trigger']['count']} poisoned examples mapped to {step['trigger']['values']}"
+    if "input_span" in step:
+        span = step["input_span"]
+        title += (f"\n{span['layer']} restricted to the samples' span ({span['clean_span_dimensions']} of "
+                  f"{span['receptive_field_dimensions']} directions)")
     table = Table(title=title)
     attacked = step["before"].get("attacked_images")
     measured = f"on the {step['before'].get('images')} samples" + ("" if attacked is None else f" ({attacked} attacked)")

@@ -181,10 +181,13 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
         assert measured["attack_success_rate"] is None and measured["held_out"] is False
         assert measured["images"] == 100
     assert entry["before"]["reconstructed_trigger_asr"] > 0.5 > entry["after"]["reconstructed_trigger_asr"]
-    assert "reconstructed-trigger ASR" in run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean",
-                                                    "-o", demo / "again.safetensors").stdout
+    table = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "-o",
+                      demo / "again.safetensors").stdout
+    assert "reconstructed-trigger ASR" in table and "restricted to the samples' span (9 of 27 directions)" in table
     history = load_checkpoint(demo / "model.scrubbed.safetensors").history
     assert history[0]["trigger"]["anomaly_index"] > 2 and len(history[0]["trigger"]["sha256"]) == 64
+    span = history[0]["input_span"]  # the demo's pictures are grey: one colour direction of three
+    assert span["clean_span_dimensions"] * 3 == span["receptive_field_dimensions"]
     evaluation = run_scrub("evaluate", demo / "model.scrubbed.safetensors", "--test-dir", demo / "test",
                            "--trigger", demo / "trigger.png", "--target", "0", "--json")
     assert json.loads(evaluation.stdout)["models"][0]["attack_success_rate"] < 0.1

@@ -31,6 +31,7 @@ from backdoor_scrub.editing import (
     triggered_twins,
 )
 from backdoor_scrub.inference import resolve_device
+from backdoor_scrub.input_span import within_clean_span
 from backdoor_scrub.layers import auto_select_layers
 from backdoor_scrub.poisoned import PoisonedExamples
 from backdoor_scrub.progress import progress_reporter
@@ -96,10 +97,12 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
                                  "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
                                  "message": "no backdoor found; nothing edited"})
         names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
-        model, entries = checkpoint.model, []
+        unedited, span = (checkpoint.model, None) if report is None else within_clean_span(checkpoint.model,
+                                                                                          samples.inputs())
+        model, entries = unedited, []
         for suspect in suspects:
-            model, entry = _edit_suspect(model, suspect, checkpoint, samples, report, request, names)
-            entries.append(entry)
+            model, entry = _edit_suspect(model, unedited, suspect, checkpoint, samples, report, request, names)
+            entries.append({**entry, **({"input_span": span} if span else {})})
         save_checkpoint(checkpoint, model, output, entries, destination.force)
         return step_report(checkpoint, output, entries, started, scan)
 
@@ -108,10 +111,13 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
 
 
 def _edit_suspect(
-    model: nn.Module, suspect: Suspect, checkpoint: Checkpoint, samples: Samples, report: ScanReport | None,
-    request: EditRequest, names: list[str],
+    model: nn.Module, unedited: nn.Module, suspect: Suspect, checkpoint: Checkpoint, samples: Samples,
+    report: ScanReport | None, request: EditRequest, names: list[str],
 ) -> tuple[nn.Module, dict]:
-    """`model` with one suspect's trigger unlearned (a reconstruction: in checked rounds) and the history entry."""
+    """`model` with one suspect's trigger unlearned (a reconstruction: in checked rounds) and the history entry.
+
+    `unedited` is the model before any suspect's edit, on which reconstructions are refitted.
+    """
     before = samples.measure(model, suspect.trigger, suspect.target)
     settings = EditSettings() if suspect.pixel_twins else EditSettings(input_strengths=())
 
@@ -142,25 +148,35 @@ def _edit_suspect(
     if suspect.scanned is None:
         edited, record = edit([suspect.trigger])
     else:
-        edited, record, rounds = _edit_in_rounds(checkpoint, samples, suspect.scanned, report.norms, edit, request)
+        edited, record, rounds = _edit_in_rounds(unedited, checkpoint, samples, suspect.scanned, report.norms, edit,
+                                                  request)
     after = samples.measure(edited, suspect.trigger, before.target)
     return edited, step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples, request.seed,
                               suspect.anomaly_index, rounds)
 
 
-def _edit_in_rounds(checkpoint: Checkpoint, samples: Samples, scanned: ClassScan, norms, edit,
+def _edit_in_rounds(unedited: nn.Module, checkpoint: Checkpoint, samples: Samples, scanned: ClassScan, norms, edit,
                     request: EditRequest) -> tuple:
-    """Unlearn the class's dilated reconstructions, re-scan the edited model for it, repeat while it stays anomalous."""
+    """Unlearn the class's dilated reconstructions, re-scan the edited model for it, repeat while it stays anomalous.
+
+    The reconstructions are found on the checkpoint's model and refitted on `unedited`, the model
+    the edit starts from: with its input restricted to the clean span (input_span.py), a
+    reconstruction's part outside the span does nothing there, and the refit finds what does.
+    """
 
     def rescan(edited, start: Trigger, number: int) -> Trigger:
-        return rescan_class(edited, checkpoint, samples, scanned.index, start, request.scan, request.seed + 1 + number)
+        return rescan_class(edited, checkpoint, samples, scanned.index, [start], request.scan,
+                            request.seed + 1 + number)[0]
 
     def widen(reconstructions: list[Trigger]) -> list[Trigger]:
-        # Each reconstruction grown by a pixel, and the pattern that works best in the smallest one's
-        # neighbourhood two pixels out, on the unedited model: closer to the real patch than either.
+        # Each reconstruction refitted on the unedited model and grown by a pixel, and the pattern that
+        # works best in the smallest one's neighbourhood two pixels out: closer to the real patch than either.
+        if unedited is not checkpoint.model:
+            reconstructions = rescan_class(unedited, checkpoint, samples, scanned.index, reconstructions, request.scan,
+                                           request.seed + 1)
         neighbourhood = dilated(reconstructions[0], 2)
-        refitted = rescan_class(checkpoint.model, checkpoint, samples, scanned.index, neighbourhood, request.scan,
-                                request.seed, fixed_mask=True)
+        [refitted] = rescan_class(unedited, checkpoint, samples, scanned.index, [neighbourhood], request.scan,
+                                  request.seed, fixed_mask=True)
         return [dilated(t) for t in reconstructions] + [refitted]
 
     model, record, rounds = unlearn_in_rounds(scanned, norms, edit, rescan, widen, request.scan, request.rounds)

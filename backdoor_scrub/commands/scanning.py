@@ -58,10 +58,11 @@ def scan_checkpoint(
 
 
 def rescan_class(
-    model: torch.nn.Module, checkpoint: Checkpoint, samples: Samples, index: int, start: Trigger,
+    model: torch.nn.Module, checkpoint: Checkpoint, samples: Samples, index: int, starts: list[Trigger],
     settings: ScanSettings, seed: int, fixed_mask: bool = False,
-) -> Trigger:
-    """One class's trigger reconstructed again on `model` (the checkpoint's, or an edited copy), warm-started.
+) -> list[Trigger]:
+    """One class's trigger reconstructed again on `model` (the checkpoint's, or an edited copy), once from each
+    of `starts`, in one batched optimisation.
 
     A rescan of an edited model starts from a trigger that worked before: it needs no warm-up and
     fewer steps (`recheck_steps`). With `fixed_mask`, only the pattern inside the start's mask is
@@ -71,7 +72,8 @@ def rescan_class(
     if not fixed_mask:
         settings = dataclasses.replace(settings, steps=settings.recheck_steps, warmup_steps=0)
     classifier, images, labels = _scan_inputs(model, checkpoint, samples)
-    return reconstruct(classifier, images, labels, [index], settings, seed, start=[start], fixed_mask=fixed_mask)[0]
+    return reconstruct(classifier, images, labels, [index] * len(starts), settings, seed, start=starts,
+                       fixed_mask=fixed_mask)
 
 
 def _scan_inputs(model: torch.nn.Module, checkpoint: Checkpoint, samples: Samples) -> tuple:
