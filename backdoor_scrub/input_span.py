@@ -42,6 +42,7 @@ def _receptive_fields(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
     fields = F.unfold(images, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     return fields.transpose(1, 2).reshape(-1, fields.shape[1]).double()
 
+
 def within_clean_span(model: nn.Module, clean_inputs: torch.Tensor) -> tuple[nn.Module, dict | None]:
     """A copy of `model` whose input convolution is restricted to the clean span, and what changed.
 
