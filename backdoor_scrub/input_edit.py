@@ -215,10 +215,15 @@ def _left_alone(name: str, changed: float, reason: str) -> dict:
     return {"layer": name, "changed_positions": round(changed, 4), "chosen": None, "reason": reason}
 
 
+def receptive_fields(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
+    """[N, positions, C x kh x kw] receptive fields of `conv` on the images, float64."""
+    return F.unfold(images.double(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                    stride=conv.stride).transpose(1, 2)
+
+
 def _keys(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
     """[N, positions, D] receptive fields of `conv` (with a constant 1 when it has a bias), float64."""
-    patches = F.unfold(images.double(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                       stride=conv.stride).transpose(1, 2)
+    patches = receptive_fields(conv, images)
     if conv.bias is None:
         return patches
     return torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], -1)

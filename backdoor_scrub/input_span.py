@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from backdoor_scrub.editing import copy_for_edit
-from backdoor_scrub.input_edit import input_convolution
+from backdoor_scrub.input_edit import input_convolution, receptive_fields
 
 RELATIVE_TOLERANCE = 1e-6  # an eigenvalue of the receptive fields' Gram matrix below this times the largest is empty
 FIELD_VALUES = 1 << 22  # receptive-field values unfolded at a time (32 MiB in float64)
@@ -28,19 +27,13 @@ def clean_span_projector(conv: nn.Conv2d, clean_inputs: torch.Tensor) -> torch.T
     """The orthogonal projector (D x D, float64) on the span of the clean inputs' receptive fields of `conv`."""
     size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     gram = torch.zeros(size, size, dtype=torch.float64, device=clean_inputs.device)
-    batch = max(1, FIELD_VALUES // _receptive_fields(conv, clean_inputs[:1]).numel())
+    batch = max(1, FIELD_VALUES // receptive_fields(conv, clean_inputs[:1]).numel())
     for start in range(0, len(clean_inputs), batch):
-        fields = _receptive_fields(conv, clean_inputs[start:start + batch])
+        fields = receptive_fields(conv, clean_inputs[start:start + batch]).flatten(0, 1)
         gram += fields.T @ fields
     values, vectors = torch.linalg.eigh(gram)
     inside = vectors[:, values > RELATIVE_TOLERANCE * values.max().clamp_min(torch.finfo(torch.float64).tiny)]
     return inside @ inside.T
-
-
-def _receptive_fields(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
-    """Every receptive field of `conv` on the images, one a row (float64)."""
-    fields = F.unfold(images, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    return fields.transpose(1, 2).reshape(-1, fields.shape[1]).double()
 
 
 def within_clean_span(model: nn.Module, clean_inputs: torch.Tensor) -> tuple[nn.Module, dict | None]:
