@@ -119,6 +119,17 @@ def choose_edit(scores: list[HeldOut]) -> int:
     return min(eligible, key=lambda i: (scores[i].changed, scores[i].divergence, -i))
 
 
+def erases_target(edited: HeldOut, unedited: HeldOut) -> bool:
+    """Whether an edit loses half or more (two at least) of the held-out target-class samples the model got right.
+
+    Unlearning a backdoor's trigger leaves the target class's own pictures alone. A class flagged
+    without a backdoor has, for a reconstruction, the class's own features: unlearning them is
+    unlearning the class (a clean GoogLeNet's flagged class fell from 96.7% to 41.3% on the test set).
+    """
+    lost = unedited.target_correct - edited.target_correct
+    return lost >= 2 and 2 * lost >= unedited.target_correct
+
+
 def choose_repair(scores: list[HeldOut], unrepaired: HeldOut) -> int | None:
     """The candidate with the most held-out target-class samples right, then the most samples right, among
     those that get more target-class samples right than no repair, and no fewer samples right and no more

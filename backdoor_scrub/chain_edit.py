@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from backdoor_scrub.calibration import choose_edit, cross_validate
+from backdoor_scrub.calibration import choose_edit, cross_validate, erases_target, score_held_out
 from backdoor_scrub.head import Head, find_head
 from backdoor_scrub.inference import forward_batched
 from backdoor_scrub.linear_edit import LowRankUpdate, add_update_, as_columns, as_keys, residual_update, scaled_weights
@@ -187,10 +187,13 @@ def calibrate(
     scores, folds = cross_validate(labels, len(problem.clean), strengths, problem.fit, problem.logits, before, target,
                                    max_folds, on_fit)
     chosen = choose_edit(scores)
+    unedited = score_held_out(*before, *before, labels, target)
     report = {
         "folds": folds,
         "chosen": {"lam": strengths[chosen].lam, "mu": strengths[chosen].mu},
         "held_out": scores[chosen].as_dict(),
+        "held_out_unedited": unedited.as_dict(),
+        "erases_target": erases_target(scores[chosen], unedited),
         "candidates": [{"lam": s.lam, "mu": s.mu, "flips": h.flips, "changed": h.changed,
                         "residual": round(h.residual, 4), "divergence": round(h.divergence, 4)}
                        for s, h in zip(strengths, scores)],

@@ -142,6 +142,8 @@ def step_tables(outcome: Outcome) -> list[Table]:
 
 def _step_tables(entry: dict) -> list[Table]:
     tables = [scan_table(entry["scan"], None)] if "scan" in entry else []
+    tables += [_message_table(entry["input"], f"class {declined['class']} not edited: {declined['reason']}")
+               for declined in entry.get("declined", [])]
     if entry["output"] is None:
         return tables + [_message_table(entry["input"], entry["message"])]
     return tables + [_before_after(entry, step) for step in entry.get("edits", [entry])]

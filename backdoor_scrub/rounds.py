@@ -45,6 +45,7 @@ def unlearn_in_rounds(
     the smallest trigger that works, not the real one); `edit(triggers)` edits the unedited model;
     `rescan(edited, start, round)` reconstructs the class's trigger on the edited model from `start`.
     """
+    settings = settings.for_classes(len(norms))
     latest = list(flagged.family or (flagged.trigger,))
     unlearned: list[Trigger] = []
     rounds: list[Round] = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from backdoor_scrub.calibration import HeldOut, choose_edit, choose_repair, fold_ids, score_held_out
+from backdoor_scrub.calibration import HeldOut, choose_edit, choose_repair, erases_target, fold_ids, score_held_out
 from backdoor_scrub.editing import EditSettings, edit_model
 from backdoor_scrub.head import find_head
 from backdoor_scrub.linear_edit import closed_form_linear_edit, ridge_update
@@ -71,6 +71,15 @@ def test_the_edit_choice_needs_the_fewest_flips_then_does_the_least_damage():
     assert choose_edit([HeldOut(flips=1, residual=1.0), HeldOut(flips=1, residual=1.0)]) == 1  # a tie: the weaker
 
 
+def test_an_edit_erases_the_target_when_it_loses_half_its_held_out_samples_and_two_at_least():
+    unedited = HeldOut(target_images=10, target_correct=10)
+    assert erases_target(HeldOut(target_images=10, target_correct=5), unedited)  # a clean GoogLeNet's false flag
+    assert not erases_target(HeldOut(target_images=10, target_correct=6), unedited)  # a real target's worst edit
+    assert erases_target(HeldOut(target_images=10, target_correct=2), HeldOut(target_images=10, target_correct=4))
+    assert not erases_target(HeldOut(target_images=1, target_correct=0), HeldOut(target_images=1, target_correct=1))
+    assert not erases_target(HeldOut(target_images=10, target_correct=9), HeldOut(target_images=10, target_correct=8))
+
+
 def test_the_repair_choice_is_none_unless_it_beats_no_repair_without_new_flips():
     unrepaired = HeldOut(correct=80, flips=1, target_correct=7)
     assert choose_repair([HeldOut(correct=80, flips=1, target_correct=7),
@@ -124,6 +133,12 @@ def test_a_calibrated_edit_records_its_choice_from_the_grid_and_held_out_counts(
     assert calibration["folds"] == 4 and len(calibration["candidates"]) == 4
     assert calibration["chosen"] in [{"lam": c["lam"], "mu": c["mu"]} for c in calibration["candidates"]]
     assert calibration["held_out"]["images"] == len(inputs)
+    unedited = calibration["held_out_unedited"]  # the model before the edit, on the same samples
+    assert unedited["changed"] == 0 and unedited["target_images"] == calibration["held_out"]["target_images"]
+    assert unedited["correct"] == len(inputs) and unedited["target_correct"] == int((labels == 0).sum())
+    assert calibration["erases_target"] == erases_target(HeldOut(**{k: calibration["held_out"][k] for k in (
+        "target_images", "target_correct")}), HeldOut(target_images=unedited["target_images"],
+                                                      target_correct=unedited["target_correct"]))
 
 
 def test_the_calibrated_edit_is_the_plain_edit_at_the_chosen_strength():

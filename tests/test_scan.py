@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from backdoor_scrub import chain_edit
 from backdoor_scrub import scan as scan_module
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
 from backdoor_scrub.data import load_image_folder
@@ -34,12 +35,22 @@ def test_min_spread_floors_the_scale_so_clustered_classes_are_not_outliers():
     clustered = torch.tensor([60.0, 61.0, 59.0, 60.0, 45.0])  # MAD tiny: class 4 would be far out
     assert anomaly_indices(clustered)[4] > 10
     assert anomaly_indices(clustered, settings.min_spread)[4] < 1
-    # at the floor, half the median is exactly the threshold
+    # at the floor, half the median is an index of exactly 2
     halved = torch.tensor([60.0, 61.0, 59.0, 60.0, 30.0])
-    assert anomaly_indices(halved, settings.min_spread)[4].item() == pytest.approx(settings.threshold, rel=1e-4)
+    assert anomaly_indices(halved, settings.min_spread)[4].item() == pytest.approx(2.0, rel=1e-4)
     # widely spread clean classes cannot hide a tiny trigger (a linear MAD would give it about 1.6)
     spread = torch.tensor([0.94, 1.39, 0.99, 1.41, 1.16, 0.04, 1.0, 1.67, 0.54, 1.74])
     assert anomaly_indices(spread, settings.min_spread)[5] > 4 > 1.5 > anomaly_indices(spread, settings.min_spread)[8]
+
+
+def test_the_default_threshold_keeps_the_chance_of_flagging_a_clean_model_at_five_percent():
+    assert ScanSettings().threshold is None and ScanSettings(threshold=2.0).for_classes(10).threshold == 2.0
+    thresholds = [ScanSettings().for_classes(k).threshold for k in (10, 100, 1000)]
+    assert thresholds == pytest.approx([2.576, 3.291, 3.891], abs=1e-3)
+    # with 10 independent normal clean classes, some class exceeds it in 5% of scans (Bonferroni: at most 5%)
+    draws = torch.randn(200_000, 10, generator=torch.Generator().manual_seed(0))
+    assert (draws > thresholds[0]).any(1).double().mean().item() == pytest.approx(0.049, abs=0.003)
+    assert (draws > 2.0).any(1).double().mean().item() > 0.2  # Neural Cleanse's fixed 2
 
 
 def test_residual_anomaly_replaces_the_class_norm_and_is_zero_above_the_median():
@@ -191,6 +202,23 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     evaluation = run_scrub("evaluate", demo / "model.scrubbed.safetensors", "--test-dir", demo / "test",
                            "--trigger", demo / "trigger.png", "--target", "0", "--json")
     assert json.loads(evaluation.stdout)["models"][0]["attack_success_rate"] < 0.1
+
+
+def test_a_flagged_class_whose_edit_erases_it_is_declined_and_nothing_is_written(demo, monkeypatch):
+    # as if the held-out folds had lost half the class's samples (calibration.erases_target, tested on its own)
+    monkeypatch.setattr(chain_edit, "erases_target", lambda edited, unedited: True)
+    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--json")
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["models"][0]
+    assert entry["scan"]["flagged"] == [0] and entry["output"] is None
+    assert entry["message"] == "no flagged class behaved like a backdoor's target; nothing edited"
+    [declined] = entry["declined"]
+    assert declined["class"] == 0 and declined["anomaly_index"] > entry["scan"]["threshold"]
+    assert declined["held_out_target_images"] == 10
+    assert "class 0 was flagged, but unlearning its reconstruction cost" in result.stderr
+    assert not list(demo.glob("*.scrubbed.safetensors"))
+    table = " ".join(result.stderr.split())  # with --json the tables go to stderr
+    assert "class 0 not edited: unlearning its reconstruction unlearns the class" in table
 
 
 @pytest.mark.parametrize("seed", [1, 2])

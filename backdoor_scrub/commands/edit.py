@@ -91,20 +91,28 @@ def run_edit(paths: list[Path], request: EditRequest, destination: Destination, 
         samples = Samples.load(request.clean_dir, checkpoint, device, options, allow_unlabeled=True,
                                triggered_dir=request.trigger.triggered_dir)
         suspects, report = _suspects(checkpoint, samples, request, options)
-        scan = None if report is None else report.as_dict(request.scan)
+        scan = None if report is None else report.as_dict()
         if not suspects:
-            return ModelOutcome({"path": str(checkpoint.path), "input": str(checkpoint.path), "output": None,
-                                 "arch": checkpoint.spec.arch, "status": "ok", "scan": scan,
-                                 "message": "no backdoor found; nothing edited"})
+            return _nothing_edited(checkpoint, scan, "no backdoor found; nothing edited")
         names = list(request.layers) or auto_select_layers(checkpoint.model, checkpoint.spec.input_size)
         unedited, span = (checkpoint.model, None) if report is None else within_clean_span(checkpoint.model,
                                                                                           samples.inputs())
-        model, entries = unedited, []
+        model, entries, declined = unedited, [], []
         for suspect in suspects:
-            model, entry = _edit_suspect(model, unedited, suspect, checkpoint, samples, report, request, names)
+            edited, entry = _edit_suspect(model, unedited, suspect, checkpoint, samples, report, request, names)
+            if suspect.scanned is not None and entry.get("calibration", {}).get("erases_target"):
+                declined.append(_declined(checkpoint, entry))
+                continue
+            model = edited
             entries.append({**entry, **({"input_span": span} if span else {})})
+        if not entries:
+            return _nothing_edited(checkpoint, scan, "no flagged class behaved like a backdoor's target; nothing edited",
+                                   declined)
         save_checkpoint(checkpoint, model, output, entries, destination.force)
-        return step_report(checkpoint, output, entries, started, scan)
+        outcome = step_report(checkpoint, output, entries, started, scan)
+        if declined:
+            outcome.entry["declined"] = declined
+        return outcome
 
     trigger = request.trigger
     return for_each_model(paths, options, work, [request.clean_dir, trigger.triggered_dir, trigger.poisoned_dir])
@@ -148,39 +156,62 @@ def _edit_suspect(
     if suspect.scanned is None:
         edited, record = edit([suspect.trigger])
     else:
-        edited, record, rounds = _edit_in_rounds(unedited, checkpoint, samples, suspect.scanned, report.norms, edit,
+        edited, record, rounds = _edit_in_rounds(unedited, checkpoint, samples, suspect.scanned, report, edit,
                                                   request)
     after = samples.measure(edited, suspect.trigger, before.target)
     return edited, step_entry("edit", record, before, after, suspect.source, suspect.trigger, samples, request.seed,
                               suspect.anomaly_index, rounds)
 
 
-def _edit_in_rounds(unedited: nn.Module, checkpoint: Checkpoint, samples: Samples, scanned: ClassScan, norms, edit,
-                    request: EditRequest) -> tuple:
+def _nothing_edited(checkpoint: Checkpoint, scan: dict | None, message: str,
+                    declined: list[dict] | None = None) -> ModelOutcome:
+    """The JSON entry of a model left as it was: no file written, and why."""
+    entry = {"path": str(checkpoint.path), "input": str(checkpoint.path), "output": None, "arch": checkpoint.spec.arch,
+             "status": "ok", "scan": scan, "message": message}
+    return ModelOutcome({**entry, **({"declined": declined} if declined else {})})
+
+
+def _declined(checkpoint: Checkpoint, entry: dict) -> dict:
+    """Why a flagged class was left unedited (calibration.erases_target), warned on stderr; its JSON entry."""
+    unedited, edited = entry["calibration"]["held_out_unedited"], entry["calibration"]["held_out"]
+    declined = {"class": entry["target"], "anomaly_index": entry["trigger"]["anomaly_index"],
+                "held_out_target_images": unedited["target_images"],
+                "held_out_target_correct": {"unedited": unedited["target_correct"], "edited": edited["target_correct"]},
+                "reason": "unlearning its reconstruction unlearns the class: it is the class's own features, "
+                          "not a trigger"}
+    warn_line(f"{checkpoint.path}: class {declined['class']} was flagged, but unlearning its reconstruction cost "
+              f"{unedited['target_correct'] - edited['target_correct']} of the {unedited['target_correct']} held-out "
+              "samples of the class the model got right: it is the class's own features, not a trigger; not edited")
+    return declined
+
+
+def _edit_in_rounds(unedited: nn.Module, checkpoint: Checkpoint, samples: Samples, scanned: ClassScan,
+                    report: ScanReport, edit, request: EditRequest) -> tuple:
     """Unlearn the class's dilated reconstructions, re-scan the edited model for it, repeat while it stays anomalous.
 
     The reconstructions are found on the checkpoint's model and refitted on `unedited`, the model
     the edit starts from: with its input restricted to the clean span (input_span.py), a
     reconstruction's part outside the span does nothing there, and the refit finds what does.
     """
+    settings = report.settings
 
     def rescan(edited, start: Trigger, number: int) -> Trigger:
-        return rescan_class(edited, checkpoint, samples, scanned.index, [start], request.scan,
+        return rescan_class(edited, checkpoint, samples, scanned.index, [start], settings,
                             request.seed + 1 + number)[0]
 
     def widen(reconstructions: list[Trigger]) -> list[Trigger]:
         # Each reconstruction refitted on the unedited model and grown by a pixel, and the pattern that
         # works best in the smallest one's neighbourhood two pixels out: closer to the real patch than either.
         if unedited is not checkpoint.model:
-            reconstructions = rescan_class(unedited, checkpoint, samples, scanned.index, reconstructions, request.scan,
+            reconstructions = rescan_class(unedited, checkpoint, samples, scanned.index, reconstructions, settings,
                                            request.seed + 1)
         neighbourhood = dilated(reconstructions[0], 2)
-        [refitted] = rescan_class(unedited, checkpoint, samples, scanned.index, [neighbourhood], request.scan,
+        [refitted] = rescan_class(unedited, checkpoint, samples, scanned.index, [neighbourhood], settings,
                                   request.seed, fixed_mask=True)
         return [dilated(t) for t in reconstructions] + [refitted]
 
-    model, record, rounds = unlearn_in_rounds(scanned, norms, edit, rescan, widen, request.scan, request.rounds)
-    if rounds[-1].residual_anomaly_index > request.scan.threshold:
+    model, record, rounds = unlearn_in_rounds(scanned, report.norms, edit, rescan, widen, settings, request.rounds)
+    if rounds[-1].residual_anomaly_index > settings.threshold:
         warn_line(f"{checkpoint.path}: class {scanned.index} still has an anomalously small trigger after "
                   f"{len(rounds)} edit(s) (anomaly index {rounds[-1].residual_anomaly_index:.2f}); the backdoor "
                   "may not be gone, try --rounds or a known trigger")

@@ -44,7 +44,7 @@ def run_inspect(paths: list[Path], options: RunOptions, scan: ScanRequest | None
         if scan.save_dir is not None:
             folder = scan.save_dir if len(paths) == 1 else scan.save_dir / checkpoint.path.name.removesuffix(".safetensors")
             save_triggers(report, folder, samples, checkpoint.spec.classes)
-        outcome.entry["scan"] = report.as_dict(scan.settings)
+        outcome.entry["scan"] = report.as_dict()
         if report.flagged and scan.fail_on_detect:
             outcome.exit_code = ExitCode.GATE_FAILED
         return outcome

@@ -24,9 +24,10 @@ SHEET_SCALE = 4
 
 @dataclass(frozen=True)
 class ScanReport:
-    """Every class's reconstruction and how long the scan took."""
+    """Every class's reconstruction, the settings it was flagged with and how long the scan took."""
 
     classes: list[ClassScan]
+    settings: ScanSettings
     seconds: float
 
     @property
@@ -39,10 +40,10 @@ class ScanReport:
         """The classes whose reconstructed trigger is anomalously small."""
         return [result for result in self.classes if result.flagged]
 
-    def as_dict(self, settings: ScanSettings) -> dict:
+    def as_dict(self) -> dict:
         """The `scan` JSON object."""
         return {"classes": [c.as_dict() for c in self.classes], "flagged": [c.index for c in self.flagged],
-                "threshold": settings.threshold, "min_compactness": settings.min_compactness,
+                "threshold": round(self.settings.threshold, 4), "min_compactness": self.settings.min_compactness,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -51,10 +52,11 @@ def scan_checkpoint(
 ) -> ScanReport:
     """Reconstruct a trigger for every class of the checkpoint from the clean samples."""
     started = time.perf_counter()
+    settings = settings.for_classes(checkpoint.spec.num_classes)
     classifier, images, labels = _scan_inputs(checkpoint.model, checkpoint, samples)
     with progress_reporter(options.progress, options.quiet) as progress:
         results = scan(classifier, images, labels, checkpoint.spec.num_classes, settings, seed, progress)
-    return ScanReport(results, time.perf_counter() - started)
+    return ScanReport(results, settings, time.perf_counter() - started)
 
 
 def rescan_class(
