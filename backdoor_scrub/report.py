@@ -93,7 +93,8 @@ def _inspect_tables(entry: dict) -> list[Table]:
 def scan_table(scan: dict, class_names: list[str] | None) -> Table:
     """One row per class: size, success and compactness of its reconstructed trigger, anomaly index, flag."""
     flagged = ", ".join(map(str, scan["flagged"])) or "none"
-    table = Table(title=f"trigger reconstruction ({scan['seconds']:.0f} s): flagged {flagged}")
+    table = Table(title=f"trigger reconstruction ({scan['seconds']:.0f} s): flagged {flagged} "
+                        f"(anomaly index over {scan['threshold']:.2f})")
     for column in ("class", "mask L1", "reconstruction ASR", "anomaly index", "compactness", "flagged"):
         table.add_column(column, justify="left" if column in ("class", "flagged") else "right")
     for row in scan["classes"]:

@@ -153,7 +153,8 @@ def test_scan_flags_the_demo_target_and_saves_usable_triggers(demo, tmp_path):
                        "--save-triggers", tmp_path / "triggers", "--fail-on-detect", "--json")
     assert result.exit_code == 1, result.stderr
     scan = json.loads(result.stdout)["models"][0]["scan"]
-    assert scan["flagged"] == [0]
+    assert scan["flagged"] == [0] and scan["threshold"] == pytest.approx(2.5758, abs=1e-4)  # 10 classes
+    assert "flagged 0 (anomaly index over 2.58)" in " ".join(result.stderr.split())
     rows = {row["class"]: row for row in scan["classes"]}
     assert len(rows[0]["restart_mask_l1"]) == 3  # a candidate gets every restart, its norm is their median
     assert rows[0]["mask_l1"] == pytest.approx(sorted(rows[0]["restart_mask_l1"])[1], abs=1e-3)
