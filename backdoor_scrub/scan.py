@@ -45,7 +45,6 @@ class ScanSettings:
     min_spread: float = math.log(2) / 2
     min_compactness: float = 0.5
 
-
     def for_classes(self, classes: int) -> ScanSettings:
         """These settings with the threshold decided for a model of `classes` classes."""
         return self if self.threshold is not None else replace(self, threshold=familywise_threshold(classes))
