@@ -130,6 +130,15 @@ def erases_target(edited: HeldOut, unedited: HeldOut) -> bool:
     return lost >= 2 and 2 * lost >= unedited.target_correct
 
 
+def loses_samples(calibration: dict | None, max_lost: float) -> bool:
+    """Whether a calibrated edit (its JSON record) gets more than `max_lost` of the held-out samples fewer right
+    than the unedited model; False when it was not calibrated."""
+    if not calibration or "held_out_unedited" not in calibration:
+        return False
+    edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
+    return unedited["correct"] - edited["correct"] > max_lost * edited["images"]
+
+
 def choose_repair(scores: list[HeldOut], unrepaired: HeldOut) -> int | None:
     """The candidate with the most held-out target-class samples right, then the most samples right, among
     those that get more target-class samples right than no repair, and no fewer samples right and no more

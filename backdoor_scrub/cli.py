@@ -348,8 +348,8 @@ def _destination(params: dict):
               help="closed-form: least-squares edit of the head's linear layers, its strength chosen on "
                    "held-out folds of the samples; activation-match: first retrain the last stage on cached "
                    "activations (slower); auto: activation matching for a trigger spread over the image (a blend, "
-                   "stripes, noise, a warp: the pixels it changes span over half of it) given at least 3 samples "
-                   "per class, else the closed form.")
+                   "stripes, noise, a warp: the pixels it changes span over half of it) or a scan's reconstruction "
+                   "where the head is one linear layer, given at least 3 samples per class, else the closed form.")
 @scan_options
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Without --trigger: edits at most. Each is followed by a scan of the edited model for the "

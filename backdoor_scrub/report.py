@@ -194,6 +194,10 @@ def _calibration_caption(calibration: dict) -> str:
         stage = calibration["stage"]
         parts.append(f"stage retrained {stage['steps']} steps (the samples' flips left: "
                      f"{percent(stage['residual_flip_rate'])})")
+    if "declined_method" in calibration:
+        declined = calibration["declined_method"]
+        parts.append(f"{declined['method']} declined ({declined['reason']}: "
+                     f"{percent(declined['held_out']['accuracy'])})")
     if "chosen" not in calibration:
         return "; ".join(parts)
     chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}" for key, value in calibration["chosen"].items())

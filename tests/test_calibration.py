@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from backdoor_scrub.calibration import HeldOut, choose_edit, choose_repair, erases_target, fold_ids, score_held_out
+from backdoor_scrub.calibration import (
+    HeldOut,
+    choose_edit,
+    choose_repair,
+    erases_target,
+    fold_ids,
+    loses_samples,
+    score_held_out,
+)
 from backdoor_scrub.editing import EditSettings, edit_model
 from backdoor_scrub.head import find_head
 from backdoor_scrub.linear_edit import closed_form_linear_edit, ridge_update
@@ -78,6 +86,18 @@ def test_an_edit_erases_the_target_when_it_loses_half_its_held_out_samples_and_t
     assert erases_target(HeldOut(target_images=10, target_correct=2), HeldOut(target_images=10, target_correct=4))
     assert not erases_target(HeldOut(target_images=1, target_correct=0), HeldOut(target_images=1, target_correct=1))
     assert not erases_target(HeldOut(target_images=10, target_correct=9), HeldOut(target_images=10, target_correct=8))
+
+
+def test_an_edit_loses_samples_when_it_gets_more_than_the_share_fewer_right_than_the_unedited_model():
+    def record(correct: int) -> dict:
+        return {"held_out": HeldOut(images=100, correct=correct).as_dict(),
+                "held_out_unedited": HeldOut(images=100, correct=83).as_dict()}
+
+    assert loses_samples(record(77), 0.02)  # a MobileNetV3's retrained stage: 6 of 100 fewer
+    assert not loses_samples(record(81), 0.02)  # two fewer is within 2%
+    assert not loses_samples(record(90), 0.02)
+    assert loses_samples(record(82), 0.0)
+    assert not loses_samples(None, 0.02) and not loses_samples({"held_out": {}}, 0.02)  # not calibrated
 
 
 def test_the_repair_choice_is_none_unless_it_beats_no_repair_without_new_flips():

@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from backdoor_scrub.editing import (
@@ -15,6 +16,7 @@ from backdoor_scrub.editing import (
     capture,
     copies_for,
     edit_model,
+    head_layers,
     plan_edit,
     resolve_method,
     trigger_spread,
@@ -261,10 +263,20 @@ def test_plan_splits_stage_and_head_by_method():
         plan_edit(model, STAGE + ["fc"], "auto")  # resolve_method turns auto into a method first
 
 
-def test_auto_matches_activations_for_a_spread_trigger_with_enough_samples_and_keeps_explicit_methods():
+def test_the_head_is_the_trailing_linear_maps_of_the_layers_named():
+    assert head_layers(tiny_model(), STAGE + ["fc"]) == 1
+    assert head_layers(tiny_model(), STAGE) == 0
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=10)
+    assert head_layers(mobilenet, ["features.12", "classifier.0", "classifier.3"]) == 2
+
+
+def test_auto_matches_activations_for_a_spread_or_reconstructed_trigger_with_enough_samples_and_keeps_explicit_methods():
     assert resolve_method("auto", spread=1.0, samples=30, classes=10) == "activation-match"
     assert resolve_method("auto", spread=1.0, samples=29, classes=10) == "closed-form"  # under 3 per class
     assert resolve_method("auto", spread=0.2, samples=100, classes=10) == "closed-form"
+    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True) == "activation-match"
+    assert resolve_method("auto", spread=0.0, samples=29, classes=10, reconstructed=True) == "closed-form"
+    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True, head_layers=2) == "closed-form"
     assert resolve_method("activation-match", spread=0.0, samples=10, classes=10) == "activation-match"
     assert resolve_method("closed-form", spread=1.0, samples=100, classes=10) == "closed-form"
 

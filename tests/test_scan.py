@@ -12,7 +12,9 @@ from torch.nn import functional as F
 from backdoor_scrub import chain_edit
 from backdoor_scrub import scan as scan_module
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
+from backdoor_scrub.commands.edit import _kept_unless_it_loses_samples
 from backdoor_scrub.data import load_image_folder
+from backdoor_scrub.editing import EditRecord, EditSettings
 from backdoor_scrub.rounds import unlearn_in_rounds
 from backdoor_scrub.scan import ClassScan, ScanSettings, anomaly_indices, compactness, residual_anomaly
 from backdoor_scrub.triggers import Trigger
@@ -186,6 +188,7 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]
     assert entry["scan"]["flagged"] == [0] and entry["target"] == 0 and entry["target_source"] == "reconstructed"
+    assert entry["method"] == "closed-form"  # a reconstruction, but the demo's head has two layers to solve
     [checked] = entry["rounds"]  # one edit by default, then one rescan of the edited model
     assert checked["triggers"] == 4 and checked["residual_mask_l1"] > 0  # 3 restarts + 1 refitted pattern
     assert checked["residual_anomaly_index"] >= 0
@@ -220,6 +223,34 @@ def test_a_flagged_class_whose_edit_erases_it_is_declined_and_nothing_is_written
     assert not list(demo.glob("*.scrubbed.safetensors"))
     table = " ".join(result.stderr.split())  # with --json the tables go to stderr
     assert "class 0 not edited: unlearning its reconstruction unlearns the class" in table
+
+
+def _calibrated(method: str, correct: int) -> EditRecord:
+    held_out = {"images": 100, "correct": correct}
+    return EditRecord(method, calibration={"held_out": held_out, "held_out_unedited": {"images": 100, "correct": 85}})
+
+
+@pytest.mark.parametrize("retrained, closed_form, kept", [
+    (84, 90, "activation-match"),  # loses 1 of 100: within 2%, and the closed form is not even run
+    (77, 83, "closed-form"),  # loses 8, the closed form 2: the closed form
+    (82, 76, "activation-match"),  # loses 3, but the closed form 9: still the retraining
+])
+def test_the_stages_retraining_for_a_reconstruction_gives_way_only_to_a_closed_form_that_keeps_more(
+        retrained, closed_form, kept):
+    runs = []
+
+    def run_closed_form():
+        runs.append("closed-form")
+        return "closed-form model", _calibrated("closed-form", closed_form)
+
+    model, record = _kept_unless_it_loses_samples("retrained model", _calibrated("activation-match", retrained),
+                                                  EditSettings(), run_closed_form)
+    assert record.method == kept and model == f"{'retrained' if kept == 'activation-match' else kept} model"
+    assert runs == ([] if retrained >= 83 else ["closed-form"])
+    declined = record.calibration.get("declined_method")
+    assert (declined is not None) == (kept == "closed-form")
+    if declined:
+        assert declined["method"] == "activation-match" and declined["held_out"]["correct"] == retrained
 
 
 @pytest.mark.parametrize("seed", [1, 2])
