@@ -196,7 +196,7 @@ def _calibration_caption(calibration: dict) -> str:
                      f"{percent(stage['residual_flip_rate'])})")
     if "declined_method" in calibration:
         declined = calibration["declined_method"]
-        parts.append(f"{declined['method']} declined ({declined['reason']}: "
+        parts.append(f"{declined['method']} declined ({declined['reason']}; its held-out accuracy "
                      f"{percent(declined['held_out']['accuracy'])})")
     if "chosen" not in calibration:
         return "; ".join(parts)

@@ -11,10 +11,12 @@ from torch.nn import functional as F
 
 from backdoor_scrub import chain_edit
 from backdoor_scrub import scan as scan_module
+from backdoor_scrub.calibration import HeldOut
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
 from backdoor_scrub.commands.edit import _kept_unless_it_loses_samples
 from backdoor_scrub.data import load_image_folder
 from backdoor_scrub.editing import EditRecord, EditSettings
+from backdoor_scrub.report import _calibration_caption
 from backdoor_scrub.rounds import unlearn_in_rounds
 from backdoor_scrub.scan import ClassScan, ScanSettings, anomaly_indices, compactness, residual_anomaly
 from backdoor_scrub.triggers import Trigger
@@ -226,8 +228,8 @@ def test_a_flagged_class_whose_edit_erases_it_is_declined_and_nothing_is_written
 
 
 def _calibrated(method: str, correct: int) -> EditRecord:
-    held_out = {"images": 100, "correct": correct}
-    return EditRecord(method, calibration={"held_out": held_out, "held_out_unedited": {"images": 100, "correct": 85}})
+    held_out, unedited = HeldOut(images=100, correct=correct), HeldOut(images=100, correct=85)
+    return EditRecord(method, calibration={"held_out": held_out.as_dict(), "held_out_unedited": unedited.as_dict()})
 
 
 @pytest.mark.parametrize("retrained, closed_form, kept", [
@@ -251,6 +253,7 @@ def test_the_stages_retraining_for_a_reconstruction_gives_way_only_to_a_closed_f
     assert (declined is not None) == (kept == "closed-form")
     if declined:
         assert declined["method"] == "activation-match" and declined["held_out"]["correct"] == retrained
+        assert "activation-match declined" in _calibration_caption(record.calibration)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

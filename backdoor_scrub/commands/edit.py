@@ -169,8 +169,8 @@ def _kept_unless_it_loses_samples(edited: nn.Module, record: EditRecord, setting
     more than the closed form does.
 
     Retraining the stage carries further from a reconstruction than the head's solve, but it can
-    also take a clean class with it (a MobileNetV3 lost 6 of 100 held-out samples, and 8 points
-    of CA on the test set); the closed form then keeps them. Where the closed form loses more (a
+    also take a clean class with it (on a MobileNetV3 it lost 6 of 100 held-out samples, and 8
+    points of CA on the test set); the closed form then keeps them. Where the closed form loses more (a
     GoogLeNet: 9 of 100 against the retraining's 3), the retraining stays.
     """
     if not loses_samples(record.calibration, settings.stage_max_lost):
