@@ -194,8 +194,8 @@ def resolve_method(method: str, spread: float, samples: int, classes: int, recon
     """
     if method != "auto":
         return method
-    spread_out = spread > 0.5 or (reconstructed and head_layers == 1)
-    return "activation-match" if spread_out and samples >= 3 * classes else "closed-form"
+    stage_carries_further = spread > 0.5 or (reconstructed and head_layers == 1)
+    return "activation-match" if stage_carries_further and samples >= 3 * classes else "closed-form"
 
 
 def trigger_spread(clean: torch.Tensor, triggered: torch.Tensor) -> float:

@@ -141,14 +141,14 @@ def _edit_suspect(
         spread = trigger_spread(some, triggered_twins(keys[0], some)[:256]) if suspect.pixel_twins else 0.0
         method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes,
                                 suspect.scanned is not None, head_layers(model, names))
-        edited, record = _run_edit(model, inputs, keys, labels, names, method, settings, request.seed, before.target,
-                                   samples)
+
+        def run(method: str) -> tuple[nn.Module, EditRecord]:
+            return _run_edit(model, inputs, keys, labels, names, method, settings, request.seed, before.target, samples)
+
+        edited, record = run(method)
         chosen_for_reconstruction = request.method == "auto" and suspect.scanned is not None
         if chosen_for_reconstruction and method == "activation-match":
-            edited, record = _kept_unless_it_loses_samples(edited, record, settings,
-                                                           lambda: _run_edit(model, inputs, keys, labels, names,
-                                                                             "closed-form", settings, request.seed,
-                                                                             before.target, samples))
+            edited, record = _kept_unless_it_loses_samples(edited, record, settings, lambda: run("closed-form"))
         return edited, record
 
     rounds = None
