@@ -130,13 +130,24 @@ def erases_target(edited: HeldOut, unedited: HeldOut) -> bool:
     return lost >= 2 and 2 * lost >= unedited.target_correct
 
 
-def loses_samples(calibration: dict | None, max_lost: float) -> bool:
-    """Whether a calibrated edit (its JSON record) gets more than `max_lost` of the held-out samples fewer right
-    than the unedited model; False when it was not calibrated."""
+def held_out_shortfall(calibration: dict | None, max_flip_rate: float, max_lost: float) -> str | None:
+    """Why a calibrated edit (its JSON record) falls short on the held-out samples, or None when it does not
+    (or was not calibrated): more than `max_flip_rate` of the victims still flip, or more than `max_lost`
+    of the samples are fewer right than with the unedited model."""
     if not calibration or "held_out_unedited" not in calibration:
-        return False
+        return None
     edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
-    return unedited["correct"] - edited["correct"] > max_lost * edited["images"]
+    if unedited["correct"] - edited["correct"] > max_lost * edited["images"]:
+        return f"it got more than {max_lost:.0%} of the held-out samples fewer right than the unedited model"
+    if edited["flips"] > max_flip_rate * edited["victims"]:
+        return f"more than {max_flip_rate:.0%} of the held-out samples still flipped"
+    return None
+
+
+def held_out_errors(calibration: dict) -> int:
+    """A calibrated edit's held-out mistakes: stamped samples still flipped plus clean samples not right."""
+    held_out = calibration["held_out"]
+    return held_out["flips"] + held_out["images"] - held_out["correct"]
 
 
 def choose_repair(scores: list[HeldOut], unrepaired: HeldOut) -> int | None:

@@ -41,7 +41,10 @@ class EditSettings:
     steps: int = 50  # activation matching runs this many steps a round, up to `stage_rounds` rounds,
     stage_rounds: int = 6  # until the stage alone stops all but `stage_residual` of the samples' flips
     stage_residual: float = 0.05
-    stage_max_lost: float = 0.02  # auto's retraining for a reconstruction: at most 2% of held-out samples fewer right
+    # auto's first choice of method is checked on the held-out samples: where more than this share of them still
+    # flips, or more than that share are fewer right than unedited, the other method is tried (fallback_method)
+    check_max_flips: float = 0.05
+    check_max_lost: float = 0.02
     lr: float = 3e-3
     max_relative_step: float = 0.15  # activation matching's lr is at most this times the stage's weight RMS
     preserve: float = 1.0
@@ -196,6 +199,29 @@ def resolve_method(method: str, spread: float, samples: int, classes: int, recon
         return method
     stage_carries_further = spread > 0.5 or (reconstructed and head_layers == 1)
     return "activation-match" if stage_carries_further and samples >= 3 * classes else "closed-form"
+
+
+def fallback_method(method: str, samples: int, classes: int, given: bool, reconstructed: bool) -> str | None:
+    """The method `auto` tries where its first choice (resolve_method) falls short on the held-out samples.
+
+    The stage's retraining after the closed form, for a trigger given as pixels on each sample
+    (`given`: a stamp or triggered copies, not poisoned pictures paired with other pictures of their
+    class) and at least 3 samples per class: on a ShuffleNetV2 with a grey checkerboard patch the
+    input convolution's edit changed too many clean receptive fields to be kept, and the head's
+    solve left 8 of 89 held-out flips and 7 samples fewer right (20% ASR and -5.2 points of CA on the
+    test set), where the retraining left 2 flips and none fewer right (6.1%, +1.2). Not for a
+    reconstruction: on MobileNetV3s, whose multi-layer heads keep the closed form, the retraining that
+    replaced it on that check took one tuning model from 37% to 45% real ASR.
+    The closed form after the retraining for a reconstruction (`reconstructed`): on a MobileNetV3
+    the retraining lost 6 of 100 held-out samples, and 8 points of CA on the test set, which the
+    closed form kept. A retraining for a spread trigger the user gave is not replaced: there the
+    closed form did not carry from the samples to unseen images (resolve_method).
+    """
+    if method == "closed-form" and given and samples >= 3 * classes:
+        return "activation-match"
+    if method == "activation-match" and reconstructed:
+        return "closed-form"
+    return None
 
 
 def trigger_spread(clean: torch.Tensor, triggered: torch.Tensor) -> float:

@@ -196,8 +196,9 @@ def _calibration_caption(calibration: dict) -> str:
                      f"{percent(stage['residual_flip_rate'])})")
     if "declined_method" in calibration:
         declined = calibration["declined_method"]
-        parts.append(f"{declined['method']} declined ({declined['reason']}; its held-out accuracy "
-                     f"{percent(declined['held_out']['accuracy'])})")
+        held = declined["held_out"]
+        parts.append(f"{declined['method']} declined ({declined['reason']}; its held-out flips "
+                     f"{held['flips']}/{held['victims']}, accuracy {percent(held['accuracy'])})")
     if "chosen" not in calibration:
         return "; ".join(parts)
     chosen = ", ".join(f"{key} {'none' if value is None else f'{value:g}'}" for key, value in calibration["chosen"].items())

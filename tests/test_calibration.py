@@ -12,7 +12,8 @@ from backdoor_scrub.calibration import (
     choose_repair,
     erases_target,
     fold_ids,
-    loses_samples,
+    held_out_errors,
+    held_out_shortfall,
     score_held_out,
 )
 from backdoor_scrub.editing import EditSettings, edit_model
@@ -88,16 +89,18 @@ def test_an_edit_erases_the_target_when_it_loses_half_its_held_out_samples_and_t
     assert not erases_target(HeldOut(target_images=10, target_correct=9), HeldOut(target_images=10, target_correct=8))
 
 
-def test_an_edit_loses_samples_when_it_gets_more_than_the_share_fewer_right_than_the_unedited_model():
-    def record(correct: int) -> dict:
-        return {"held_out": HeldOut(images=100, correct=correct).as_dict(),
-                "held_out_unedited": HeldOut(images=100, correct=83).as_dict()}
+def test_an_edit_falls_short_where_too_many_held_out_samples_flip_or_are_fewer_right_than_unedited():
+    def record(correct: int, flips: int = 0) -> dict:
+        return {"held_out": HeldOut(images=100, victims=80, flips=flips, correct=correct).as_dict(),
+                "held_out_unedited": HeldOut(images=100, victims=80, flips=80, correct=83).as_dict()}
 
-    assert loses_samples(record(77), 0.02)  # a MobileNetV3's retrained stage: 6 of 100 fewer
-    assert not loses_samples(record(81), 0.02)  # two fewer is within 2%
-    assert not loses_samples(record(90), 0.02)
-    assert loses_samples(record(82), 0.0)
-    assert not loses_samples(None, 0.02) and not loses_samples({"held_out": {}}, 0.02)  # not calibrated
+    assert "fewer right" in held_out_shortfall(record(77), 0.05, 0.02)  # a MobileNetV3's retrained stage: 6 fewer
+    assert held_out_shortfall(record(81), 0.05, 0.02) is None  # two fewer is within 2%
+    assert held_out_shortfall(record(90, flips=4), 0.05, 0.02) is None  # 4 of 80 flips: within 5%
+    assert "still flipped" in held_out_shortfall(record(90, flips=5), 0.05, 0.02)
+    assert "fewer right" in held_out_shortfall(record(82), 0.05, 0.0)
+    assert held_out_shortfall(None, 0.05, 0.02) is None and held_out_shortfall({"held_out": {}}, 0.05, 0.02) is None
+    assert held_out_errors(record(80, flips=3)) == 3 + 20  # flips left plus clean samples not right
 
 
 def test_the_repair_choice_is_none_unless_it_beats_no_repair_without_new_flips():

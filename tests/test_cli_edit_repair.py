@@ -137,6 +137,24 @@ def test_activation_match_method_edits_the_stage_too(demo, tmp_path):
     assert stage["residual_flip_rate"] <= settings.stage_residual or stage["steps"] == most
 
 
+def test_auto_retrains_the_stage_where_the_closed_form_falls_short_on_the_held_out_samples(demo, tmp_path,
+                                                                                            monkeypatch):
+    from backdoor_scrub.commands import edit as edit_command
+
+    # The demo's closed form passes its check; make it fall short, and the retraining make fewer mistakes.
+    monkeypatch.setattr(edit_command, "held_out_shortfall", lambda calibration, *_: "forced short")
+    monkeypatch.setattr(edit_command, "held_out_errors",
+                        lambda calibration: 0 if "stage" in calibration else 1)
+    result = edit(demo, "-o", tmp_path / "fallback.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["models"][0]
+    assert entry["method"] == "activation-match" and "features.12" in entry["layers"]
+    declined = entry["calibration"]["declined_method"]
+    assert declined["method"] == "closed-form" and declined["reason"].startswith("forced short")
+    assert declined["held_out"]["images"] == 100
+    assert "closed-form declined (forced short" in " ".join(result.stderr.split())
+
+
 @pytest.mark.parametrize("given_as", ["png", "copies"])
 def test_auto_matches_the_stages_activations_for_a_trigger_spread_over_the_image(demo, tmp_path, given_as):
     blend = tmp_path / "blend.png"

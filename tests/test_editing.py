@@ -16,6 +16,7 @@ from backdoor_scrub.editing import (
     capture,
     copies_for,
     edit_model,
+    fallback_method,
     head_layers,
     plan_edit,
     resolve_method,
@@ -279,6 +280,16 @@ def test_auto_matches_activations_for_a_spread_or_reconstructed_trigger_with_eno
     assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True, head_layers=2) == "closed-form"
     assert resolve_method("activation-match", spread=0.0, samples=10, classes=10) == "activation-match"
     assert resolve_method("closed-form", spread=1.0, samples=100, classes=10) == "closed-form"
+
+
+def test_auto_falls_back_to_the_other_method_for_a_given_trigger_or_a_reconstruction_only():
+    given = dict(given=True, reconstructed=False)
+    assert fallback_method("closed-form", 100, 10, **given) == "activation-match"
+    assert fallback_method("closed-form", 29, 10, **given) is None  # under 3 per class the retraining overfits
+    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=False) is None  # poisoned pictures
+    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=True) is None  # a multi-layer head's
+    assert fallback_method("activation-match", 100, 10, given=False, reconstructed=True) == "closed-form"
+    assert fallback_method("activation-match", 100, 10, **given) is None  # a spread trigger's retraining stays
 
 
 def test_trigger_spread_is_the_bounding_box_of_the_changed_pixels():

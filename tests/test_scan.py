@@ -13,7 +13,7 @@ from backdoor_scrub import chain_edit
 from backdoor_scrub import scan as scan_module
 from backdoor_scrub.calibration import HeldOut
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
-from backdoor_scrub.commands.edit import _kept_unless_it_loses_samples
+from backdoor_scrub.commands.edit import _checked
 from backdoor_scrub.data import load_image_folder
 from backdoor_scrub.editing import EditRecord, EditSettings
 from backdoor_scrub.report import _calibration_caption
@@ -227,33 +227,36 @@ def test_a_flagged_class_whose_edit_erases_it_is_declined_and_nothing_is_written
     assert "class 0 not edited: unlearning its reconstruction unlearns the class" in table
 
 
-def _calibrated(method: str, correct: int) -> EditRecord:
-    held_out, unedited = HeldOut(images=100, correct=correct), HeldOut(images=100, correct=85)
+def _calibrated(method: str, correct: int, flips: int = 0) -> EditRecord:
+    held_out = HeldOut(images=100, victims=80, flips=flips, correct=correct)
+    unedited = HeldOut(images=100, victims=80, flips=80, correct=85)
     return EditRecord(method, calibration={"held_out": held_out.as_dict(), "held_out_unedited": unedited.as_dict()})
 
 
-@pytest.mark.parametrize("retrained, closed_form, kept", [
-    (84, 90, "activation-match"),  # loses 1 of 100: within 2%, and the closed form is not even run
-    (77, 83, "closed-form"),  # loses 8, the closed form 2: the closed form
-    (82, 76, "activation-match"),  # loses 3, but the closed form 9: still the retraining
+@pytest.mark.parametrize("first, fallback, kept", [
+    (("activation-match", 84, 0), ("closed-form", 90, 0), "activation-match"),  # loses 1 of 100: not even run
+    (("activation-match", 77, 0), ("closed-form", 83, 0), "closed-form"),  # loses 8, the closed form 2
+    (("activation-match", 82, 0), ("closed-form", 76, 0), "activation-match"),  # loses 3, the closed form 9
+    (("closed-form", 85, 4), ("activation-match", 85, 0), "closed-form"),  # 4 of 80 flips: within 5%, not run
+    (("closed-form", 75, 8), ("activation-match", 85, 2), "activation-match"),  # a ShuffleNetV2's checkerboard
+    (("closed-form", 86, 5), ("activation-match", 80, 2), "closed-form"),  # 5 flips, but 11 mistakes against 22
 ])
-def test_the_stages_retraining_for_a_reconstruction_gives_way_only_to_a_closed_form_that_keeps_more(
-        retrained, closed_form, kept):
+def test_autos_first_method_gives_way_only_to_a_fallback_that_makes_fewer_held_out_mistakes(first, fallback, kept):
     runs = []
 
-    def run_closed_form():
-        runs.append("closed-form")
-        return "closed-form model", _calibrated("closed-form", closed_form)
+    def run_fallback():
+        runs.append(fallback[0])
+        return f"{fallback[0]} model", _calibrated(*fallback)
 
-    model, record = _kept_unless_it_loses_samples("retrained model", _calibrated("activation-match", retrained),
-                                                  EditSettings(), run_closed_form)
-    assert record.method == kept and model == f"{'retrained' if kept == 'activation-match' else kept} model"
-    assert runs == ([] if retrained >= 83 else ["closed-form"])
+    model, record = _checked(f"{first[0]} model", _calibrated(*first), EditSettings(), run_fallback)
+    assert record.method == kept and model == f"{kept} model"
+    short = first[1] < 83 or first[2] > 4
+    assert runs == ([fallback[0]] if short else [])
     declined = record.calibration.get("declined_method")
-    assert (declined is not None) == (kept == "closed-form")
+    assert (declined is not None) == (kept != first[0])
     if declined:
-        assert declined["method"] == "activation-match" and declined["held_out"]["correct"] == retrained
-        assert "activation-match declined" in _calibration_caption(record.calibration)
+        assert declined["method"] == first[0] and declined["held_out"]["correct"] == first[1]
+        assert f"{first[0]} declined" in _calibration_caption(record.calibration)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from backdoor_scrub.calibration import loses_samples
+from backdoor_scrub.calibration import held_out_errors, held_out_shortfall
 from backdoor_scrub.checkpoint import Checkpoint, Destination, save_checkpoint
 from backdoor_scrub.commands.common import (
     ModelOutcome,
@@ -28,6 +28,7 @@ from backdoor_scrub.editing import (
     EditSettings,
     edit_model,
     edit_steps,
+    fallback_method,
     head_layers,
     resolve_method,
     trigger_spread,
@@ -146,9 +147,10 @@ def _edit_suspect(
             return _run_edit(model, inputs, keys, labels, names, method, settings, request.seed, before.target, samples)
 
         edited, record = run(method)
-        chosen_for_reconstruction = request.method == "auto" and suspect.scanned is not None
-        if chosen_for_reconstruction and method == "activation-match":
-            edited, record = _kept_unless_it_loses_samples(edited, record, settings, lambda: run("closed-form"))
+        fallback = fallback_method(method, len(inputs), checkpoint.spec.num_classes, suspect.pixel_twins,
+                                   suspect.scanned is not None)
+        if request.method == "auto" and fallback is not None:
+            edited, record = _checked(edited, record, settings, lambda: run(fallback))
         return edited, record
 
     rounds = None
@@ -162,26 +164,18 @@ def _edit_suspect(
                               suspect.anomaly_index, rounds)
 
 
-def _kept_unless_it_loses_samples(edited: nn.Module, record: EditRecord, settings: EditSettings,
-                                  closed_form) -> tuple[nn.Module, EditRecord]:
-    """The stage's retraining for a reconstruction, or the closed form (`closed_form()`) where the retraining gets
-    more than `settings.stage_max_lost` of the held-out samples fewer right than the unedited model and
-    more than the closed form does.
-
-    Retraining the stage carries further from a reconstruction than the head's solve, but it can
-    also take a clean class with it (on a MobileNetV3 it lost 6 of 100 held-out samples, and 8
-    points of CA on the test set); the closed form then keeps them. Where the closed form loses more (a
-    GoogLeNet: 9 of 100 against the retraining's 3), the retraining stays.
-    """
-    if not loses_samples(record.calibration, settings.stage_max_lost):
+def _checked(edited: nn.Module, record: EditRecord, settings: EditSettings, fallback) -> tuple[nn.Module, EditRecord]:
+    """`auto`'s first choice, or the fallback method's edit (`fallback()`) where the first falls short on the
+    held-out samples (calibration.held_out_shortfall) and the fallback makes fewer held-out mistakes
+    (calibration.held_out_errors: flips left plus samples not right). The record says what was declined."""
+    shortfall = held_out_shortfall(record.calibration, settings.check_max_flips, settings.check_max_lost)
+    if shortfall is None:
         return edited, record
-    alternative, alternative_record = closed_form()
-    correct = [r.calibration["held_out"]["correct"] for r in (record, alternative_record)]
-    if correct[1] <= correct[0]:
+    alternative, alternative_record = fallback()
+    if held_out_errors(alternative_record.calibration) >= held_out_errors(record.calibration):
         return edited, record
     declined = {"method": record.method, "held_out": record.calibration["held_out"],
-                "reason": f"it got more than {settings.stage_max_lost:.0%} of the held-out samples fewer right than "
-                          "the unedited model, and more than the closed form"}
+                "reason": f"{shortfall}, and made more held-out mistakes than {alternative_record.method}"}
     return alternative, replace(alternative_record,
                                 calibration={**alternative_record.calibration, "declined_method": declined})
 
