@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -164,7 +165,8 @@ def _edit_suspect(
                               suspect.anomaly_index, rounds)
 
 
-def _checked(edited: nn.Module, record: EditRecord, settings: EditSettings, fallback) -> tuple[nn.Module, EditRecord]:
+def _checked(edited: nn.Module, record: EditRecord, settings: EditSettings,
+             fallback: Callable[[], tuple[nn.Module, EditRecord]]) -> tuple[nn.Module, EditRecord]:
     """`auto`'s first choice, or the fallback method's edit (`fallback()`) where the first falls short on the
     held-out samples (calibration.held_out_shortfall) and the fallback makes fewer held-out mistakes
     (calibration.held_out_errors: flips left plus samples not right). The record says what was declined."""
