@@ -198,7 +198,7 @@ def resolve_method(method: str, spread: float, samples: int, classes: int, recon
     if method != "auto":
         return method
     stage_carries_further = spread > 0.5 or (reconstructed and head_layers == 1)
-    return "activation-match" if stage_carries_further and samples >= 3 * classes else "closed-form"
+    return "activation-match" if stage_carries_further and _enough_to_retrain(samples, classes) else "closed-form"
 
 
 def fallback_method(method: str, samples: int, classes: int, given: bool, reconstructed: bool) -> str | None:
@@ -217,11 +217,16 @@ def fallback_method(method: str, samples: int, classes: int, given: bool, recons
     closed form kept. A retraining for a spread trigger the user gave is not replaced: there the
     closed form did not carry from the samples to unseen images (resolve_method).
     """
-    if method == "closed-form" and given and samples >= 3 * classes:
+    if method == "closed-form" and given and _enough_to_retrain(samples, classes):
         return "activation-match"
     if method == "activation-match" and reconstructed:
         return "closed-form"
     return None
+
+
+def _enough_to_retrain(samples: int, classes: int) -> bool:
+    """Whether `auto` may retrain the stage: at least 3 samples per class (below, the retraining overfits)."""
+    return samples >= 3 * classes
 
 
 def trigger_spread(clean: torch.Tensor, triggered: torch.Tensor) -> float:
