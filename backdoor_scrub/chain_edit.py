@@ -1,19 +1,28 @@
-"""The closed-form edit of the head's linear layers, its strength chosen on held-out folds of the samples."""
+"""The head's edit (the closed form over its linear layers, or the erasure in its first), strength chosen on held-out folds."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 
 from backdoor_scrub.calibration import choose_edit, cross_validate, erases_target, score_held_out
+from backdoor_scrub.erasure import erasure_update, trigger_direction
 from backdoor_scrub.head import Head, find_head
 from backdoor_scrub.inference import forward_batched
-from backdoor_scrub.linear_edit import LowRankUpdate, add_update_, as_columns, as_keys, residual_update, scaled_weights
+from backdoor_scrub.linear_edit import (
+    LowRankUpdate,
+    add_update_,
+    as_columns,
+    as_keys,
+    linear_weight,
+    residual_update,
+    scaled_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,13 @@ class Strength:
 
     lam: float
     mu: float
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """The direction erasure's strength (erasure.py): the ridge of the regression that replaces the direction."""
+
+    ridge: float
 
 
 @dataclass
@@ -44,13 +60,20 @@ class ChainProblem:
     values: list[torch.Tensor]
     samples: int
     segments: list[nn.Module] | None
+    triggers: int = 1  # stamped copies of the clean rows, one block per trigger of a family
     updates: list[LowRankUpdate] = field(default_factory=list)
     _hooks: list = field(default_factory=list)
 
     @torch.no_grad()
-    def fit(self, rows: torch.Tensor, strength: Strength) -> None:
-        """Edit every layer in turn on the given rows: stamped keys -> clean values, clean outputs kept."""
+    def fit(self, rows: torch.Tensor, strength: Strength | Erasure) -> None:
+        """Edit every layer in turn on the given rows: stamped keys -> clean values, clean outputs kept.
+
+        With an Erasure, the first layer alone: the direction the stamped rows move in is erased from its input.
+        """
         self.clear()
+        if isinstance(strength, Erasure):
+            self._erase(rows, strength)
+            return
         inputs = (self.first_inputs[0][rows], self.first_inputs[1][rows])
         outputs = (self.first_outputs[0][rows], self.first_outputs[1][rows])
         for position, layer in enumerate(self.layers):
@@ -62,6 +85,16 @@ class ChainProblem:
             if position + 1 < len(self.layers):
                 edited = tuple(_add_update(layer, (x,), y, update) for x, y in zip(inputs, outputs))
                 inputs = self._inputs(position + 1, rows, edited)
+
+    def _erase(self, rows: torch.Tensor, erasure: Erasure) -> None:
+        """The first layer's edit that erases the direction its stamped inputs move in (erasure.py)."""
+        layer = self.layers[0]
+        first = rows[rows < len(self.clean) // self.triggers]  # the first trigger's: another may move elsewhere
+        clean, stamped = (as_columns(x[first]) for x in self.first_inputs)
+        update = erasure_update(linear_weight(layer), clean, trigger_direction(clean, stamped), erasure.ridge,
+                                layer.bias is not None)
+        self.updates.append(update)
+        self._hooks.append(layer.register_forward_hook(partial(_add_update, update=update)))
 
     def _inputs(self, position: int, rows: torch.Tensor, previous: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean, stamped) inputs of layer `position`, from the previous layer's edited outputs when possible."""
@@ -150,7 +183,7 @@ def chain_problem(
     first_inputs = tuple(layer_activations(head, layers[0], f, inputs=True) for f in (features_clean, features_stamped))
     first_outputs = tuple(forward_batched(layers[0], x, batch_size) for x in first_inputs)
     problem = ChainProblem(head, layers, features_clean, features_stamped, first_inputs, first_outputs, values,
-                           samples, _segments(head, layers))
+                           samples, _segments(head, layers), copies)
     return problem, before
 
 
@@ -179,10 +212,10 @@ def calibrate(
     before: tuple[torch.Tensor, torch.Tensor],
     labels: torch.Tensor,
     target: int,
-    strengths: list[Strength],
+    strengths: list[Strength] | list[Erasure],
     max_folds: int,
     on_fit: Callable[[], None] | None = None,
-) -> tuple[Strength, dict]:
+) -> tuple[Strength | Erasure, dict]:
     """Score every strength on held-out folds of the samples; the chosen one and what was measured."""
     scores, folds = cross_validate(labels, len(problem.clean), strengths, problem.fit, problem.logits, before, target,
                                    max_folds, on_fit)
@@ -190,11 +223,11 @@ def calibrate(
     unedited = score_held_out(*before, *before, labels, target)
     report = {
         "folds": folds,
-        "chosen": {"lam": strengths[chosen].lam, "mu": strengths[chosen].mu},
+        "chosen": asdict(strengths[chosen]),
         "held_out": scores[chosen].as_dict(),
         "held_out_unedited": unedited.as_dict(),
         "erases_target": erases_target(scores[chosen], unedited),
-        "candidates": [{"lam": s.lam, "mu": s.mu, "flips": h.flips, "changed": h.changed,
+        "candidates": [{**asdict(s), "flips": h.flips, "changed": h.changed,
                         "residual": round(h.residual, 4), "divergence": round(h.divergence, 4)}
                        for s, h in zip(strengths, scores)],
     }

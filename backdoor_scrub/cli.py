@@ -343,13 +343,16 @@ def _destination(params: dict):
 @click.option("--target", type=click.IntRange(0), help="Target class (default: recorded, else inferred).")
 @click.option("--layer", "layers", multiple=True,
               help="Layer to edit (repeat; default: the automatic choice `scrub inspect` marks with *).")
-@click.option("--method", type=click.Choice(["auto", "closed-form", "activation-match"]), default="auto",
+@click.option("--method", type=click.Choice(["auto", "closed-form", "activation-match", "direction-erasure"]), default="auto",
               show_default=True,
               help="closed-form: least-squares edit of the head's linear layers, its strength chosen on "
                    "held-out folds of the samples; activation-match: first retrain the last stage on cached "
-                   "activations (slower); auto: activation matching for a trigger spread over the image (a blend, "
-                   "stripes, noise, a warp: the pixels it changes span over half of it) or a scan's reconstruction "
-                   "where the head is one linear layer, given at least 3 samples per class, else the closed form.")
+                   "activations (slower); direction-erasure: the head's first layer reads the direction the trigger "
+                   "moves its input in from the other features instead; auto: activation matching for a trigger "
+                   "spread over the image (a blend, stripes, noise, a warp: the pixels it changes span over half of "
+                   "it) or a scan's reconstruction where the head is one linear layer, given at least 3 samples per "
+                   "class; direction erasure for a reconstruction where the head has several layers (the closed "
+                   "form where the edited model still has a small trigger); else the closed form.")
 @scan_options
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Without --trigger: edits at most. Each is followed by a scan of the edited model for the "

@@ -171,7 +171,7 @@ def test_an_activation_matching_step_is_bounded_by_the_stages_weight_scale():
     assert moved == pytest.approx(0.15 * rms, rel=0.05)
 
 
-@pytest.mark.parametrize("method", ["closed-form", "activation-match"])
+@pytest.mark.parametrize("method", ["closed-form", "activation-match", "direction-erasure"])
 def test_edit_model_leaves_the_input_model_unchanged(method):
     model = tiny_model()
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -256,8 +256,11 @@ def test_plan_splits_stage_and_head_by_method():
     assert plan_edit(model, STAGE + ["fc"], "closed-form") == ([], ["fc"])
     assert plan_edit(model, STAGE + ["fc"], "activation-match") == (STAGE, ["fc"])
     assert plan_edit(model, ["fc"], "activation-match") == (["fc"], [])
+    assert plan_edit(model, STAGE + ["fc"], "direction-erasure") == ([], ["fc"])
     with pytest.raises(ScrubError):
         plan_edit(model, STAGE, "closed-form")
+    with pytest.raises(ScrubError, match="direction-erasure edits Linear or 1x1 Conv2d layers"):
+        plan_edit(model, STAGE, "direction-erasure")
     with pytest.raises(ScrubError):
         plan_edit(model, ["features.9"], "activation-match")
     with pytest.raises(ScrubError):
@@ -277,7 +280,10 @@ def test_auto_matches_activations_for_a_spread_or_reconstructed_trigger_with_eno
     assert resolve_method("auto", spread=0.2, samples=100, classes=10) == "closed-form"
     assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True) == "activation-match"
     assert resolve_method("auto", spread=0.0, samples=29, classes=10, reconstructed=True) == "closed-form"
-    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True, head_layers=2) == "closed-form"
+    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True,
+                          head_layers=2) == "direction-erasure"
+    assert resolve_method("auto", spread=0.0, samples=10, classes=10, reconstructed=True,
+                          head_layers=2) == "direction-erasure"  # a regression, not a retraining: 1 per class will do
     assert resolve_method("activation-match", spread=0.0, samples=10, classes=10) == "activation-match"
     assert resolve_method("closed-form", spread=1.0, samples=100, classes=10) == "closed-form"
 
@@ -287,7 +293,9 @@ def test_auto_falls_back_to_the_other_method_for_a_given_trigger_or_a_reconstruc
     assert fallback_method("closed-form", 100, 10, **given) == "activation-match"
     assert fallback_method("closed-form", 29, 10, **given) is None  # under 3 per class the retraining overfits
     assert fallback_method("closed-form", 100, 10, given=False, reconstructed=False) is None  # poisoned pictures
-    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=True) is None  # a multi-layer head's
+    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=True) is None
+    assert fallback_method("direction-erasure", 100, 10, given=False, reconstructed=True) == "closed-form"
+    assert fallback_method("direction-erasure", 100, 10, **given) is None  # asked for by name: no auto, no fallback
     assert fallback_method("activation-match", 100, 10, given=False, reconstructed=True) == "closed-form"
     assert fallback_method("activation-match", 100, 10, **given) is None  # a spread trigger's retraining stays
 

@@ -13,7 +13,7 @@ from backdoor_scrub import chain_edit
 from backdoor_scrub import scan as scan_module
 from backdoor_scrub.calibration import HeldOut
 from backdoor_scrub.checkpoint import ModelSpec, load_checkpoint
-from backdoor_scrub.commands.edit import _checked
+from backdoor_scrub.commands.edit import _checked, _erasure_checked
 from backdoor_scrub.data import load_image_folder
 from backdoor_scrub.editing import EditRecord, EditSettings
 from backdoor_scrub.report import _calibration_caption
@@ -190,7 +190,10 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     assert result.exit_code == 0, result.stderr
     entry = json.loads(result.stdout)["models"][0]
     assert entry["scan"]["flagged"] == [0] and entry["target"] == 0 and entry["target_source"] == "reconstructed"
-    assert entry["method"] == "closed-form"  # a reconstruction, but the demo's head has two layers to solve
+    # the demo's head has two layers: the direction erasure came first, and lost 2 of the class's 6 held-out samples
+    assert entry["method"] == "closed-form"
+    declined = entry["calibration"]["declined_method"]
+    assert declined["method"] == "direction-erasure" and "of the class wrong" in declined["reason"]
     [checked] = entry["rounds"]  # one edit by default, then one rescan of the edited model
     assert checked["triggers"] == 4 and checked["residual_mask_l1"] > 0  # 3 restarts + 1 refitted pattern
     assert checked["residual_anomaly_index"] >= 0
@@ -210,6 +213,23 @@ def test_edit_without_trigger_removes_the_reconstructed_backdoor(demo):
     assert json.loads(evaluation.stdout)["models"][0]["attack_success_rate"] < 0.1
 
 
+def test_direction_erasure_without_a_trigger_edits_the_first_head_layer_of_the_unrestricted_model(demo):
+    output = demo / "erased.safetensors"
+    result = run_scrub("edit", demo / "model.safetensors", "--clean-dir", demo / "clean", "--method",
+                       "direction-erasure", "-o", output, "--json")
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["models"][0]
+    assert entry["method"] == "direction-erasure" and entry["layers"] == ["classifier.0"]
+    assert set(entry["calibration"]["chosen"]) == {"ridge"} and "declined_method" not in entry["calibration"]
+    assert "input_span" not in entry  # the erasure edits the model as the scan saw it
+    before, after = load_checkpoint(demo / "model.safetensors").model, load_checkpoint(output).model
+    changed = {name for name, tensor in after.state_dict().items()
+               if not torch.equal(tensor, before.state_dict()[name])}
+    assert changed == {"classifier.0.weight", "classifier.0.bias"}
+    update = after.classifier[0].weight.double() - before.classifier[0].weight.double()
+    assert torch.linalg.matrix_rank(update, rtol=1e-4) == 1
+
+
 def test_a_flagged_class_whose_edit_erases_it_is_declined_and_nothing_is_written(demo, monkeypatch):
     # as if the held-out folds had lost half the class's samples (calibration.erases_target, tested on its own)
     monkeypatch.setattr(chain_edit, "erases_target", lambda edited, unedited: True)
@@ -227,9 +247,10 @@ def test_a_flagged_class_whose_edit_erases_it_is_declined_and_nothing_is_written
     assert "class 0 not edited: unlearning its reconstruction unlearns the class" in table
 
 
-def _calibrated(method: str, correct: int, flips: int = 0) -> EditRecord:
-    held_out = HeldOut(images=100, victims=80, flips=flips, correct=correct)
-    unedited = HeldOut(images=100, victims=80, flips=80, correct=85)
+def _calibrated(method: str, correct: int, flips: int = 0, target_correct: int = 6) -> EditRecord:
+    held_out = HeldOut(images=100, victims=80, flips=flips, correct=correct, target_images=10,
+                       target_correct=target_correct)
+    unedited = HeldOut(images=100, victims=80, flips=80, correct=85, target_images=10, target_correct=6)
     return EditRecord(method, calibration={"held_out": held_out.as_dict(), "held_out_unedited": unedited.as_dict()})
 
 
@@ -257,6 +278,36 @@ def test_autos_first_method_gives_way_only_to_a_fallback_that_makes_fewer_held_o
     if declined:
         assert declined["method"] == first[0] and declined["held_out"]["correct"] == first[1]
         assert f"{first[0]} declined" in _calibration_caption(record.calibration)
+
+
+@pytest.mark.parametrize("correct, target_correct, growth, kept, why", [
+    (84, 6, 2.4, "direction-erasure", None),  # no sample lost, the rescan's trigger past 1.5 times the scan's
+    (84, 6, 0.9, "closed-form", "times the scan's mask size"),  # the backdoor's direction was not the one erased
+    (82, 6, 2.4, "closed-form", "fewer right"),  # 3 of 100 held-out samples fewer right
+    (85, 5, 2.4, "closed-form", "of the class wrong"),  # one of the class's own samples lost: its direction too
+])
+def test_the_erasure_gives_way_to_the_closed_form_where_it_loses_samples_or_leaves_a_small_trigger(
+        correct, target_correct, growth, kept, why):
+    runs = []
+
+    def run_fallback():
+        runs.append("closed-form")
+        return "closed-form model", _calibrated("closed-form", 85, 6)
+
+    def rescan():
+        runs.append("rescan")
+        return growth
+
+    first = _calibrated("direction-erasure", correct, 40, target_correct)  # a reconstruction's flips do not count
+    model, record = _erasure_checked("direction-erasure model", first, EditSettings(), rescan, run_fallback)
+    assert record.method == kept and model == f"{kept} model"
+    losses = correct < 84 or target_correct < 6
+    assert runs == ([] if losses else ["rescan"]) + ([] if kept == "direction-erasure" else ["closed-form"])
+    declined = record.calibration.get("declined_method")
+    assert (declined is not None) == (kept == "closed-form")
+    if declined:
+        assert declined["method"] == "direction-erasure" and why in declined["reason"]
+        assert "direction-erasure declined" in _calibration_caption(record.calibration)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

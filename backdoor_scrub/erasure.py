@@ -1,0 +1,53 @@
+"""Erase a trigger's direction from a linear layer's input: its coordinate is predicted from the other features."""
+
+from __future__ import annotations
+
+import torch
+
+from backdoor_scrub.linear_edit import LowRankUpdate
+
+
+def trigger_direction(clean: torch.Tensor, stamped: torch.Tensor) -> torch.Tensor:
+    """The unit vector along which stamped key columns [F, n] move most from their clean twins (same columns).
+
+    A patch backdoor moves a layer's features along one direction, however strong the patch: on
+    three tuning MobileNetV3s the scan's reconstruction and the real patch moved the head's input
+    along directions with a cosine of 0.99-1.00, the real patch 1.07-1.4 times as far.
+    """
+    shifts = stamped.double() - clean.double()
+    return torch.linalg.svd(shifts, full_matrices=False).U[:, 0]
+
+
+def erasure_update(weight: torch.Tensor, clean: torch.Tensor, direction: torch.Tensor, ridge: float,
+                   with_bias: bool) -> LowRankUpdate:
+    """The rank-one change of `weight` [out, F(+1)] that reads the input's coordinate along `direction` as its
+    ridge regression on the other coordinates, fitted on the clean key columns [F, n].
+
+    A shift along the direction, of any length, then changes nothing; a clean input, whose coordinate
+    the other features predict, keeps its output (the target class keeps the part of it that is its
+    own). `ridge` scales the regression's penalty by the keys' mean squared norm: larger, nearer to
+    reading the clean mean, which costs the target class (a tuning MobileNetV3: -3.8 points at 3, none at 1).
+    """
+    clean, direction = clean.double(), direction.double()
+    coordinate = direction @ clean  # [n]
+    others = clean - torch.outer(direction, coordinate)  # [F, n], orthogonal to the direction
+    mean_others = others.mean(1, keepdim=True) if with_bias else torch.zeros_like(others[:, :1])
+    mean_coordinate = coordinate.mean() if with_bias else coordinate.new_zeros(())
+    centred, target = others - mean_others, coordinate - mean_coordinate
+    coefficients = _ridge(centred, target, ridge * centred.pow(2).sum(0).mean().clamp_min(1e-12))
+    coefficients -= direction * (direction @ coefficients)  # orthogonal in exact arithmetic; made so in floating point
+    gain = weight.double()[:, : len(direction)] @ direction  # what the layer makes of a unit step along it
+    right = coefficients - direction
+    if with_bias:
+        right = torch.cat([right, (mean_coordinate - coefficients @ mean_others[:, 0]).reshape(1)])
+    return LowRankUpdate(gain[:, None], right[None])
+
+
+def _ridge(features: torch.Tensor, target: torch.Tensor, penalty: float) -> torch.Tensor:
+    """b minimising |target - b @ features|^2 + penalty |b|^2 for columns [F, n], in the smaller of the two systems."""
+    size, columns = features.shape
+    if columns < size:
+        gram = features.T @ features + penalty * torch.eye(columns, dtype=features.dtype, device=features.device)
+        return features @ torch.linalg.solve(gram, target)
+    gram = features @ features.T + penalty * torch.eye(size, dtype=features.dtype, device=features.device)
+    return torch.linalg.solve(gram, features @ target)
