@@ -19,7 +19,6 @@ from backdoor_scrub.linear_edit import (
     add_update_,
     as_columns,
     as_keys,
-    linear_weight,
     residual_update,
     scaled_weights,
 )
@@ -91,8 +90,8 @@ class ChainProblem:
         layer = self.layers[0]
         first = rows[rows < len(self.clean) // self.triggers]  # the first trigger's: another may move elsewhere
         clean, stamped = (as_columns(x[first]) for x in self.first_inputs)
-        update = erasure_update(linear_weight(layer), clean, trigger_direction(clean, stamped), erasure.ridge,
-                                layer.bias is not None)
+        weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        update = erasure_update(weight, clean, trigger_direction(clean, stamped), erasure.ridge, layer.bias is not None)
         self.updates.append(update)
         self._hooks.append(layer.register_forward_hook(partial(_add_update, update=update)))
 

@@ -131,8 +131,7 @@ def edit_model(
             calibration.update(chain_report)
         problem.fit(torch.arange(len(clean)), strength)
         problem.commit()
-    changed = chain[:1] if method == "direction-erasure" else chain
-    layers = ([first] if first else []) + stage + changed
+    layers = ([first] if first else []) + stage + chain
     return edited, EditRecord(method, layers, round(time.perf_counter() - start, 3), calibration or None)
 
 
@@ -282,6 +281,8 @@ def plan_edit(model: nn.Module, layer_names: list[str], method: str) -> tuple[li
     stage, chain = list(layer_names[:split]), list(layer_names[split:])
     if method != "activation-match" and not chain:
         raise usage_error(f"{method} edits Linear or 1x1 Conv2d layers; {layer_names[-1]} is neither")
+    if method == "direction-erasure":
+        return [], chain[:1]  # the erasure changes the head's first layer alone
     if method != "activation-match":
         return [], chain
     return (stage, chain) if stage else ([chain[-1]], chain[:-1])

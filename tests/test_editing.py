@@ -272,6 +272,8 @@ def test_the_head_is_the_trailing_linear_maps_of_the_layers_named():
     assert head_layers(tiny_model(), STAGE) == 0
     mobilenet = torchvision.models.mobilenet_v3_small(num_classes=10)
     assert head_layers(mobilenet, ["features.12", "classifier.0", "classifier.3"]) == 2
+    assert plan_edit(mobilenet, ["features.12", "classifier.0", "classifier.3"], "direction-erasure") == (
+        [], ["classifier.0"])
 
 
 def test_auto_matches_activations_for_a_spread_or_reconstructed_trigger_with_enough_samples_and_keeps_explicit_methods():

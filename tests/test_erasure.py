@@ -26,8 +26,9 @@ def planted(features: int = 12, samples: int = 40, seed: int = 0):
     return clean, direction
 
 
-def test_the_trigger_direction_is_the_one_the_stamped_keys_move_in_whatever_the_length():
-    clean, direction = planted()
+@pytest.mark.parametrize("samples", [8, 40])  # fewer columns than features, then more
+def test_the_trigger_direction_is_the_one_the_stamped_keys_move_in_whatever_the_length(samples):
+    clean, direction = planted(samples=samples)
     lengths = torch.linspace(1.0, 5.0, clean.shape[1], dtype=torch.float64)
     noise = 1e-3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     found = trigger_direction(clean, clean + torch.outer(direction, lengths) + noise)
