@@ -310,6 +310,15 @@ def test_the_erasure_gives_way_to_the_closed_form_where_it_loses_samples_or_leav
         assert "direction-erasure declined" in _calibration_caption(record.calibration)
 
 
+def test_an_uncalibrated_erasure_is_checked_by_the_rescan_alone():
+    model, record = _erasure_checked("direction-erasure model", EditRecord("direction-erasure"), EditSettings(),
+                                     lambda: 1.2, lambda: ("closed-form model", EditRecord("closed-form")))
+    assert model == "closed-form model" and record.calibration["declined_method"]["held_out"] is None
+    model, record = _erasure_checked("direction-erasure model", EditRecord("direction-erasure"), EditSettings(),
+                                     lambda: 2.0, lambda: pytest.fail("the erasure passed: no fallback"))
+    assert model == "direction-erasure model" and record.calibration is None
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_the_scan_verdict_does_not_depend_on_the_seed(demo, seed):
     result = run_scrub("inspect", demo / "model.safetensors", "--scan", "--clean-dir", demo / "clean",

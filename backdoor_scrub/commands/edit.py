@@ -200,12 +200,12 @@ def _erasure_checked(edited: nn.Module, record: EditRecord, settings: EditSettin
     if reason is None:
         return edited, record
     alternative, alternative_record = fallback()
-    declined = {"method": record.method, "held_out": record.calibration["held_out"], "reason": reason}
+    declined = {"method": record.method, "held_out": (record.calibration or {}).get("held_out"), "reason": reason}
     return alternative, replace(alternative_record,
-                                calibration={**alternative_record.calibration, "declined_method": declined})
+                                calibration={**(alternative_record.calibration or {}), "declined_method": declined})
 
 
-def _erasure_shortfall(calibration: dict, settings: EditSettings, growth: Callable[[], float]) -> str | None:
+def _erasure_shortfall(calibration: dict | None, settings: EditSettings, growth: Callable[[], float]) -> str | None:
     """Why the erasure falls short, or None: it got a held-out target-class sample wrong that the unedited model got
     right, or more than `check_max_lost` of the held-out samples fewer right, or `growth()` (the edited model's
     smallest trigger for the class over the scan's, a rescan run last) is under `erasure_min_growth`.
@@ -217,12 +217,14 @@ def _erasure_shortfall(calibration: dict, settings: EditSettings, growth: Callab
     Where the erasure missed the backdoor, the rescan finds a trigger as small as before (a red patch: 0.9-1.1
     times the scan's mask, real ASR 87-89%; where it worked, 1.9-2.5 times).
     """
-    edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
-    if edited["target_correct"] < unedited["target_correct"]:
-        return (f"it got {unedited['target_correct'] - edited['target_correct']} held-out sample(s) of the class "
-                "wrong that the unedited model got right")
-    if held_out_lost(calibration) > settings.check_max_lost:
-        return f"it got more than {settings.check_max_lost:.0%} of the held-out samples fewer right than the unedited model"
+    if calibration and "held_out_unedited" in calibration:  # not calibrated (a single sample): the rescan alone
+        edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
+        if edited["target_correct"] < unedited["target_correct"]:
+            return (f"it got {unedited['target_correct'] - edited['target_correct']} held-out sample(s) of the class "
+                    "wrong that the unedited model got right")
+        if held_out_lost(calibration) > settings.check_max_lost:
+            return (f"it got more than {settings.check_max_lost:.0%} of the held-out samples fewer right than the "
+                    "unedited model")
     ratio = growth()
     if ratio < settings.erasure_min_growth:
         return f"the edited model still had a trigger {ratio:.2f} times the scan's mask size"
