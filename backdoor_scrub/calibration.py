@@ -137,17 +137,21 @@ def held_out_shortfall(calibration: dict | None, max_flip_rate: float, max_lost:
     if not calibration or "held_out_unedited" not in calibration:
         return None
     edited = calibration["held_out"]
-    if held_out_lost(calibration) > max_lost:
-        return f"it got more than {max_lost:.0%} of the held-out samples fewer right than the unedited model"
+    lost = accuracy_shortfall(calibration, max_lost)
+    if lost is not None:
+        return lost
     if edited["flips"] > max_flip_rate * edited["victims"]:
         return f"more than {max_flip_rate:.0%} of the held-out samples still flipped"
     return None
 
 
-def held_out_lost(calibration: dict) -> float:
-    """The share of the held-out samples a calibrated edit (its JSON record) gets fewer right than the unedited model."""
+def accuracy_shortfall(calibration: dict, max_lost: float) -> str | None:
+    """Why a calibrated edit (its JSON record) loses too much, or None: more than `max_lost` of the held-out samples
+    fewer right than with the unedited model."""
     edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
-    return (unedited["correct"] - edited["correct"]) / max(1, edited["images"])
+    if unedited["correct"] - edited["correct"] > max_lost * edited["images"]:
+        return f"it got more than {max_lost:.0%} of the held-out samples fewer right than the unedited model"
+    return None
 
 
 def held_out_errors(calibration: dict) -> int:

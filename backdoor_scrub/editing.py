@@ -233,9 +233,7 @@ def fallback_method(method: str, samples: int, classes: int, given: bool, recons
     """
     if method == "closed-form" and given and _enough_to_retrain(samples, classes):
         return "activation-match"
-    if method == "activation-match" and reconstructed:
-        return "closed-form"
-    if method == "direction-erasure" and reconstructed:
+    if method in ("activation-match", "direction-erasure") and reconstructed:
         return "closed-form"
     return None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from backdoor_scrub.calibration import held_out_errors, held_out_lost, held_out_shortfall
+from backdoor_scrub.calibration import accuracy_shortfall, held_out_errors, held_out_shortfall
 from backdoor_scrub.checkpoint import Checkpoint, Destination, save_checkpoint
 from backdoor_scrub.commands.common import (
     ModelOutcome,
@@ -199,10 +199,7 @@ def _erasure_checked(edited: nn.Module, record: EditRecord, settings: EditSettin
     reason = _erasure_shortfall(record.calibration, settings, growth)
     if reason is None:
         return edited, record
-    alternative, alternative_record = fallback()
-    declined = {"method": record.method, "held_out": (record.calibration or {}).get("held_out"), "reason": reason}
-    return alternative, replace(alternative_record,
-                                calibration={**(alternative_record.calibration or {}), "declined_method": declined})
+    return _instead_of(record, reason, *fallback())
 
 
 def _erasure_shortfall(calibration: dict | None, settings: EditSettings, growth: Callable[[], float]) -> str | None:
@@ -222,9 +219,9 @@ def _erasure_shortfall(calibration: dict | None, settings: EditSettings, growth:
         if edited["target_correct"] < unedited["target_correct"]:
             return (f"it got {unedited['target_correct'] - edited['target_correct']} held-out sample(s) of the class "
                     "wrong that the unedited model got right")
-        if held_out_lost(calibration) > settings.check_max_lost:
-            return (f"it got more than {settings.check_max_lost:.0%} of the held-out samples fewer right than the "
-                    "unedited model")
+        lost = accuracy_shortfall(calibration, settings.check_max_lost)
+        if lost is not None:
+            return lost
     ratio = growth()
     if ratio < settings.erasure_min_growth:
         return f"the edited model still had a trigger {ratio:.2f} times the scan's mask size"
@@ -242,10 +239,16 @@ def _checked(edited: nn.Module, record: EditRecord, settings: EditSettings,
     alternative, alternative_record = fallback()
     if held_out_errors(alternative_record.calibration) >= held_out_errors(record.calibration):
         return edited, record
-    declined = {"method": record.method, "held_out": record.calibration["held_out"],
-                "reason": f"{shortfall}, and made more held-out mistakes than {alternative_record.method}"}
+    reason = f"{shortfall}, and made more held-out mistakes than {alternative_record.method}"
+    return _instead_of(record, reason, alternative, alternative_record)
+
+
+def _instead_of(declined: EditRecord, reason: str, alternative: nn.Module,
+                alternative_record: EditRecord) -> tuple[nn.Module, EditRecord]:
+    """The alternative edit, its record saying which method it replaced and why (`declined_method`)."""
+    entry = {"method": declined.method, "held_out": (declined.calibration or {}).get("held_out"), "reason": reason}
     return alternative, replace(alternative_record,
-                                calibration={**alternative_record.calibration, "declined_method": declined})
+                                calibration={**(alternative_record.calibration or {}), "declined_method": entry})
 
 
 def _run_edit(model: nn.Module, inputs, keys, labels, names: list[str], method: str, settings: EditSettings,
