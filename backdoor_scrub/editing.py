@@ -37,6 +37,7 @@ class EditSettings:
     erasure_ridges: tuple[float, ...] = (0.3, 1.0, 3.0)
     erasure_ridge: float = 1.0
     erasure_min_growth: float = 1.5  # auto keeps it where the rescan's trigger is at least this times the scan's
+    erasure_max_grown_asr: float = 0.1  # ... and the reconstruction grown by 2 pixels flips at most this share
     erasure_min_samples: int = 500  # its regression keeps clean outputs only with more rows than 100 (CA -1.9 -> -0.2)
     input_strengths: tuple[Strength, ...] = (Strength(1.0, 1e-4), Strength(10.0, 1e-4))
     input_max_changed: float = 0.5  # a patch changes few of the first convolution's receptive fields
@@ -186,10 +187,9 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 def resolve_method(method: str, spread: float, samples: int, classes: int, reconstructed: bool = False,
                    head_layers: int = 1) -> str:
-    """`auto`: the direction erasure for a scan's reconstruction (`reconstructed`) where the head has several
-    linear layers (`head_layers`); activation matching for a trigger spread over the image (`spread` > 0.5,
-    see trigger_spread), or for a reconstruction where the head is one linear layer, given at least 3 samples
-    per class; else the closed form. An explicit method is kept.
+    """`auto`: the direction erasure for a scan's reconstruction (`reconstructed`), whatever the head
+    (`head_layers`); activation matching for a trigger spread over the image (`spread` > 0.5, see
+    trigger_spread), given at least 3 samples per class; else the closed form. An explicit method is kept.
 
     A blend, stripes, noise or a warp moves every feature a little, and the head's linear edit,
     fitted on 100 samples, did not carry to unseen images. On the tuning ResNet-18s, 10 per
@@ -197,23 +197,23 @@ def resolve_method(method: str, spread: float, samples: int, classes: int, recon
     stage first left 0.6-1.9%, at about the same CA; with a warp (triggered copies) the target class
     lost 3.8-10.0 points against 0-5.7, at a median ASR of 6.2% against 5.8%. Below 3 samples per
     class that retraining overfits (CA -3.5 to -10.9 at 1 per class), and the closed form is kept.
-    A reconstruction is a few pixels that act like the trigger, not the trigger. Solving one linear
-    layer for it carries little further than its keys: the real patch of `t_r18_checker` kept
-    6.2-6.7% ASR after the head's solve and 3.8% (its floor) after the stage's retraining. A head of
-    several layers (MobileNetV3's two, VGG's three) has a hidden layer the solve can use, and there
-    the retraining was no better: 8.6% -> 34.7% on the demo, 34-36% -> 39-42% on `mnv3_blue4_tl`.
-    The erasure did better there: the closed form left two tuning MobileNetV3s at 37.1% and 20.6%, the
-    erasure at 1.9% and 0.2% (erasure.py; it is checked, and gives way to the closed form: fallback_method).
+    A reconstruction is a few pixels that act like the trigger, not the trigger, but it moves the head's
+    input along the real patch's direction (erasure.py), and the erasure makes the head blind to any step
+    along it. On MobileNetV3 (a head of two layers) the closed form left two tuning models at 37.1% and
+    20.6% real ASR, the erasure at 1.9% and 0.2%. On a one-layer head the stage's retraining, `auto`'s
+    earlier choice there, left a tuning ShuffleNetV2 with a grey checkerboard at 19-23%, the erasure at
+    0.0% (seeds 0-2), and a tuning ResNet-18 at 3.8% against 3.5-3.8% (its floor). The erasure is
+    checked, and gives way to the earlier choice (fallback_method).
     """
     if method != "auto":
         return method
-    if reconstructed and head_layers > 1:
+    if reconstructed:
         return "direction-erasure"
-    stage_carries_further = spread > 0.5 or (reconstructed and head_layers == 1)
-    return "activation-match" if stage_carries_further and _enough_to_retrain(samples, classes) else "closed-form"
+    return "activation-match" if spread > 0.5 and _enough_to_retrain(samples, classes) else "closed-form"
 
 
-def fallback_method(method: str, samples: int, classes: int, given: bool, reconstructed: bool) -> str | None:
+def fallback_method(method: str, samples: int, classes: int, given: bool, reconstructed: bool,
+                    head_layers: int) -> str | None:
     """The method `auto` tries where its first choice (resolve_method) falls short on the held-out samples.
 
     The stage's retraining after the closed form, for a trigger given as pixels on each sample
@@ -227,11 +227,15 @@ def fallback_method(method: str, samples: int, classes: int, given: bool, recons
     The closed form after the retraining for a reconstruction (`reconstructed`): on a MobileNetV3
     the retraining lost 6 of 100 held-out samples, and 8 points of CA on the test set, which the
     closed form kept. A retraining for a spread trigger the user gave is not replaced: there the
-    closed form did not carry from the samples to unseen images (resolve_method). The closed form after
-    the direction erasure of a reconstruction, where the erasure missed the backdoor's direction or took
-    the class's own (a red tuning patch: 87-89% real ASR against 1.2%).
+    closed form did not carry from the samples to unseen images (resolve_method). After the direction
+    erasure of a reconstruction, where the erasure missed the backdoor's direction or took the class's
+    own, what `auto` chose before it: the closed form for a head of several layers (a red tuning patch on a
+    MobileNetV3: 87-89% real ASR against 1.2%), the stage's retraining (itself checked against the closed
+    form) for a one-layer head (`head_layers`) with at least 3 samples per class.
     """
     if method == "closed-form" and given and _enough_to_retrain(samples, classes):
+        return "activation-match"
+    if method == "direction-erasure" and reconstructed and head_layers == 1 and _enough_to_retrain(samples, classes):
         return "activation-match"
     if method in ("activation-match", "direction-erasure") and reconstructed:
         return "closed-form"

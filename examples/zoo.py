@@ -46,6 +46,12 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
     # the report models had shown checkerboards as its weak point.
     "t_mnv3_checker4_tr": ("tune", (*MNV3, "--attack", "badnets", "--patch-size", "4", "--patch-pos", "tr",
                                     "--target", "6", "--seed", "18")),
+    # Added later to tune the no-trigger edit on a one-layer head (ShuffleNetV2 had shown its worst case there).
+    "t_shuffle_checker4_tr": ("tune", (*SHUFFLE, "--attack", "badnets", "--patch-size", "4", "--patch-pos", "tr",
+                                       "--target", "2", "--seed", "20")),
+    # Added later to tune the check of that edit on a white patch (a report ResNet-18 with one had shown its failure).
+    "t_r18_white4_br": ("tune", (*R18, "--attack", "badnets", "--patch-color", "255,255,255", "--patch-size", "4",
+                                 "--patch-pos", "br", "--target", "0", "--seed", "19")),
     # Report models: other targets, trigger kinds, sizes, positions, colours and a third and fourth family.
     # (EfficientNet-B0 was tried first: 2 epochs on 12,000 images left it at 62-67% CA, so it was replaced.)
     "r18_white3_tr": ("report", (*R18, "--attack", "badnets", "--patch-color", "255,255,255", "--patch-size", "3",

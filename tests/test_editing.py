@@ -276,12 +276,12 @@ def test_the_head_is_the_trailing_linear_maps_of_the_layers_named():
         [], ["classifier.0"])
 
 
-def test_auto_matches_activations_for_a_spread_or_reconstructed_trigger_with_enough_samples_and_keeps_explicit_methods():
+def test_auto_matches_activations_for_a_spread_trigger_erases_a_reconstruction_and_keeps_explicit_methods():
     assert resolve_method("auto", spread=1.0, samples=30, classes=10) == "activation-match"
     assert resolve_method("auto", spread=1.0, samples=29, classes=10) == "closed-form"  # under 3 per class
     assert resolve_method("auto", spread=0.2, samples=100, classes=10) == "closed-form"
-    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True) == "activation-match"
-    assert resolve_method("auto", spread=0.0, samples=29, classes=10, reconstructed=True) == "closed-form"
+    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True) == "direction-erasure"
+    assert resolve_method("auto", spread=0.0, samples=29, classes=10, reconstructed=True) == "direction-erasure"
     assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True,
                           head_layers=2) == "direction-erasure"
     assert resolve_method("auto", spread=0.0, samples=10, classes=10, reconstructed=True,
@@ -291,14 +291,18 @@ def test_auto_matches_activations_for_a_spread_or_reconstructed_trigger_with_eno
 
 
 def test_auto_falls_back_to_the_other_method_for_a_given_trigger_or_a_reconstruction_only():
-    given = dict(given=True, reconstructed=False)
+    given = dict(given=True, reconstructed=False, head_layers=1)
+    scanned = dict(given=False, reconstructed=True)
     assert fallback_method("closed-form", 100, 10, **given) == "activation-match"
     assert fallback_method("closed-form", 29, 10, **given) is None  # under 3 per class the retraining overfits
-    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=False) is None  # poisoned pictures
-    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=True) is None
-    assert fallback_method("direction-erasure", 100, 10, given=False, reconstructed=True) == "closed-form"
+    assert fallback_method("closed-form", 100, 10, given=False, reconstructed=False, head_layers=1) is None  # poisoned
+    assert fallback_method("closed-form", 100, 10, **scanned, head_layers=1) is None
+    assert fallback_method("direction-erasure", 100, 10, **scanned, head_layers=2) == "closed-form"
+    # a one-layer head: the stage's retraining (itself checked against the closed form), given 3 samples per class
+    assert fallback_method("direction-erasure", 100, 10, **scanned, head_layers=1) == "activation-match"
+    assert fallback_method("direction-erasure", 29, 10, **scanned, head_layers=1) == "closed-form"
     assert fallback_method("direction-erasure", 100, 10, **given) is None  # asked for by name: no auto, no fallback
-    assert fallback_method("activation-match", 100, 10, given=False, reconstructed=True) == "closed-form"
+    assert fallback_method("activation-match", 100, 10, **scanned, head_layers=1) == "closed-form"
     assert fallback_method("activation-match", 100, 10, **given) is None  # a spread trigger's retraining stays
 
 

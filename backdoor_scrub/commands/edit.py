@@ -142,26 +142,31 @@ def _edit_suspect(
         # (a stamp is applied to those alone; triggered copies come whole and are cut to match).
         some = inputs[:256]
         spread = trigger_spread(some, triggered_twins(keys[0], some)[:256]) if suspect.pixel_twins else 0.0
+        layers = head_layers(model, names)
         method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes,
-                                suspect.scanned is not None, head_layers(model, names))
+                                suspect.scanned is not None, layers)
 
         def run(method: str) -> tuple[nn.Module, EditRecord]:
             if method == "direction-erasure" and suspect.scanned is not None:
                 return _erase_reconstruction(checkpoint.model if model is unedited else model, suspect.scanned,
-                                             samples, names, settings, request.seed, before.target)
+                                             samples, names, settings, request.seed, before.target, layers > 1)
             return _run_edit(model, inputs, keys, labels, names, method, settings, request.seed, before.target, samples)
 
-        edited, record = run(method)
-        fallback = fallback_method(method, len(inputs), checkpoint.spec.num_classes, suspect.pixel_twins,
-                                   suspect.scanned is not None)
-        if request.method == "auto" and method == "direction-erasure":
-            erased = edited
-            growth = lambda: _residual_growth(erased, checkpoint, samples, suspect.scanned,  # noqa: E731
-                                              report.settings, request.seed)
-            edited, record = _erasure_checked(edited, record, settings, growth, lambda: run(fallback))
-        elif request.method == "auto" and fallback is not None:
-            edited, record = _checked(edited, record, settings, lambda: run(fallback))
-        return edited, record
+        def checked(method: str) -> tuple[nn.Module, EditRecord]:
+            # auto's choice, or where it falls short its fallback (itself checked: erasure, stage, closed form)
+            edited, record = run(method)
+            fallback = fallback_method(method, len(inputs), checkpoint.spec.num_classes, suspect.pixel_twins,
+                                       suspect.scanned is not None, layers)
+            if request.method != "auto" or fallback is None:
+                return edited, record
+            if method == "direction-erasure":
+                grown = lambda: _grown_reconstruction_asr(edited, samples, suspect.scanned, before.target)  # noqa: E731
+                growth = lambda: _residual_growth(edited, checkpoint, samples, suspect.scanned,  # noqa: E731
+                                                  report.settings, request.seed)
+                return _erasure_checked(edited, record, settings, grown, growth, lambda: checked(fallback))
+            return _checked(edited, record, settings, lambda: run(fallback))
+
+        return checked(method)
 
     rounds = None
     if suspect.scanned is None:
@@ -175,14 +180,18 @@ def _edit_suspect(
 
 
 def _erase_reconstruction(model: nn.Module, scanned: ClassScan, samples: Samples, names: list[str],
-                          settings: EditSettings, seed: int, target: int) -> tuple[nn.Module, EditRecord]:
-    """The direction erasure of the scan's own reconstructions (dilated), on `model` as the scan saw it.
+                          settings: EditSettings, seed: int, target: int, dilate: bool) -> tuple[nn.Module, EditRecord]:
+    """The direction erasure of the scan's own reconstructions (grown by a pixel where `dilate`), on `model` as
+    the scan saw it.
 
     Not on the model restricted to the clean input span nor with its refitted reconstructions: on a
     tuning MobileNetV3 with a cyan patch, the restriction turned the reconstruction's shift of the head's
-    input from one direction into several, and the real patch kept 97% ASR instead of 0.3%.
+    input from one direction into several, and the real patch kept 97% ASR instead of 0.3%. Dilated for a
+    head of several layers (that MobileNetV3: 0.2% dilated, 100% not), as found for a one-layer head (the
+    logits' own layer: a tuning ShuffleNetV2 0.0% on three seeds as found, 10-56% dilated; a tuning
+    ResNet-18 2.9% against 20.7%, its floor about 3%).
     """
-    family = [dilated(t) for t in (scanned.family or (scanned.trigger,))]
+    family = [dilated(t) if dilate else t for t in (scanned.family or (scanned.trigger,))]
     inputs, keys, labels = samples.fitting_set(model, family, target)
     return _run_edit(model, inputs, keys, labels, names, "direction-erasure", settings, seed, target, samples)
 
@@ -193,28 +202,43 @@ def _residual_growth(edited: nn.Module, checkpoint: Checkpoint, samples: Samples
     return class_mask_size(edited, checkpoint, samples, scanned.index, settings, seed + 1) / max(scanned.mask_l1, 1e-12)
 
 
-def _erasure_checked(edited: nn.Module, record: EditRecord, settings: EditSettings, growth: Callable[[], float],
+def _grown_reconstruction_asr(edited: nn.Module, samples: Samples, scanned: ClassScan, target: int) -> float:
+    """The share of the samples of other classes that the scan's reconstruction, grown by two pixels, sends to the
+    class on the edited model, less the share sent there without it (its floor)."""
+    metrics = samples.measure(edited, dilated(scanned.trigger, 2), target)
+    return metrics.attack_success_rate - metrics.clean_target_rate
+
+
+def _erasure_checked(edited: nn.Module, record: EditRecord, settings: EditSettings, grown_asr: Callable[[], float],
+                     growth: Callable[[], float],
                      fallback: Callable[[], tuple[nn.Module, EditRecord]]) -> tuple[nn.Module, EditRecord]:
-    """The direction erasure, or the fallback (the closed form) where the erasure falls short (_erasure_shortfall)."""
-    reason = _erasure_shortfall(record.calibration, settings, growth)
+    """The direction erasure, or the fallback where the erasure falls short (_erasure_shortfall)."""
+    reason = _erasure_shortfall(record.calibration, settings, grown_asr, growth)
     if reason is None:
         return edited, record
     return _instead_of(record, reason, *fallback())
 
 
-def _erasure_shortfall(calibration: dict | None, settings: EditSettings, growth: Callable[[], float]) -> str | None:
+def _erasure_shortfall(calibration: dict | None, settings: EditSettings, grown_asr: Callable[[], float],
+                       growth: Callable[[], float]) -> str | None:
     """Why the erasure falls short, or None: it got a held-out target-class sample wrong that the unedited model got
-    right, or more than `check_max_lost` of the held-out samples fewer right, or `growth()` (the edited model's
-    smallest trigger for the class over the scan's, a rescan run last) is under `erasure_min_growth`.
+    right, or more than `check_max_lost` of the held-out samples fewer right, or the reconstruction grown by two
+    pixels still sends more than `erasure_max_grown_asr` of the samples to the class over its floor (`grown_asr()`),
+    or `growth()` (the edited model's smallest trigger for the class over the scan's, a rescan run last) is under
+    `erasure_min_growth`.
 
     The held-out flips of a reconstruction do not measure the erasure: a few pixels keep other ways to the
     target, while the real patch's direction is gone (tuning MobileNetV3s: 18-38 of 75-78 held-out flips left,
     real ASR 0.2-2.0%). Where the direction was also the target class's own (the demo: a shift of 7-10 clean
     standard deviations, not 40-400), the class lost 2 of its 6 held-out samples, and 34 points on the test set.
     Where the erasure missed the backdoor, the rescan finds a trigger as small as before (a red patch: 0.9-1.1
-    times the scan's mask, real ASR 87-89%; where it worked, 1.9-2.5 times).
+    times the scan's mask, real ASR 87-89%; where it worked, 1.9-2.5 times). A white patch, whose shift has more
+    of its length off the direction (3% of its energy, not 1%), kept 28-41% real ASR on a tuning ResNet-18 while
+    the rescan found nothing: there the reconstruction grown into more of the patch still sent 21-30% of the
+    samples to the class over its floor, where the erasure had worked at most 6% (tuning ShuffleNetV2, ResNet-18
+    and MobileNetV3s).
     """
-    if calibration and "held_out_unedited" in calibration:  # not calibrated (a single sample): the rescan alone
+    if calibration and "held_out_unedited" in calibration:  # not calibrated (a single sample): the probes alone
         edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
         if edited["target_correct"] < unedited["target_correct"]:
             return (f"it got {unedited['target_correct'] - edited['target_correct']} held-out sample(s) of the class "
@@ -222,6 +246,9 @@ def _erasure_shortfall(calibration: dict | None, settings: EditSettings, growth:
         lost = accuracy_shortfall(calibration, settings.check_max_lost)
         if lost is not None:
             return lost
+    excess = grown_asr()
+    if excess > settings.erasure_max_grown_asr:
+        return f"the reconstruction grown by two pixels still sent {excess:.0%} of the samples to the class"
     ratio = growth()
     if ratio < settings.erasure_min_growth:
         return f"the edited model still had a trigger {ratio:.2f} times the scan's mask size"
