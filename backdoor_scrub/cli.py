@@ -350,9 +350,9 @@ def _destination(params: dict):
                    "activations (slower); direction-erasure: the head's first layer reads the direction the trigger "
                    "moves its input in from the other features instead; auto: activation matching for a trigger "
                    "spread over the image (a blend, stripes, noise, a warp: the pixels it changes span over half of "
-                   "it) or a scan's reconstruction where the head is one linear layer, given at least 3 samples per "
-                   "class; direction erasure for a reconstruction where the head has several layers (the closed "
-                   "form where the edited model still has a small trigger); else the closed form.")
+                   "it), given at least 3 samples per class; direction erasure for a scan's reconstruction (where "
+                   "the edited model still has a trigger, what auto chose before: the stage's retraining for a "
+                   "one-layer head, the closed form for several layers); else the closed form.")
 @scan_options
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
               help="Without --trigger: edits at most. Each is followed by a scan of the edited model for the "

@@ -185,10 +185,9 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def resolve_method(method: str, spread: float, samples: int, classes: int, reconstructed: bool = False,
-                   head_layers: int = 1) -> str:
-    """`auto`: the direction erasure for a scan's reconstruction (`reconstructed`), whatever the head
-    (`head_layers`); activation matching for a trigger spread over the image (`spread` > 0.5, see
+def resolve_method(method: str, spread: float, samples: int, classes: int, reconstructed: bool = False) -> str:
+    """`auto`: the direction erasure for a scan's reconstruction (`reconstructed`), whatever the head;
+    activation matching for a trigger spread over the image (`spread` > 0.5, see
     trigger_spread), given at least 3 samples per class; else the closed form. An explicit method is kept.
 
     A blend, stripes, noise or a warp moves every feature a little, and the head's linear edit,

@@ -282,10 +282,8 @@ def test_auto_matches_activations_for_a_spread_trigger_erases_a_reconstruction_a
     assert resolve_method("auto", spread=0.2, samples=100, classes=10) == "closed-form"
     assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True) == "direction-erasure"
     assert resolve_method("auto", spread=0.0, samples=29, classes=10, reconstructed=True) == "direction-erasure"
-    assert resolve_method("auto", spread=0.0, samples=100, classes=10, reconstructed=True,
-                          head_layers=2) == "direction-erasure"
-    assert resolve_method("auto", spread=0.0, samples=10, classes=10, reconstructed=True,
-                          head_layers=2) == "direction-erasure"  # a regression, not a retraining: 1 per class will do
+    assert resolve_method("auto", spread=0.0, samples=10, classes=10,
+                          reconstructed=True) == "direction-erasure"  # a regression, not a retraining: 1 per class will do
     assert resolve_method("activation-match", spread=0.0, samples=10, classes=10) == "activation-match"
     assert resolve_method("closed-form", spread=1.0, samples=100, classes=10) == "closed-form"
 

@@ -144,7 +144,7 @@ def _edit_suspect(
         spread = trigger_spread(some, triggered_twins(keys[0], some)[:256]) if suspect.pixel_twins else 0.0
         layers = head_layers(model, names)
         method = resolve_method(request.method, spread, len(inputs), checkpoint.spec.num_classes,
-                                suspect.scanned is not None, layers)
+                                suspect.scanned is not None)
 
         def run(method: str) -> tuple[nn.Module, EditRecord]:
             if method == "direction-erasure" and suspect.scanned is not None:
