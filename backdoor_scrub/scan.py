@@ -12,7 +12,7 @@ from rich.progress import Progress
 from torch import nn
 from torch.nn import functional as F
 
-from backdoor_scrub.inference import optimisation_steps
+from backdoor_scrub.inference import has_convolution, optimisation_steps
 from backdoor_scrub.triggers import Trigger
 
 MAD_CONSISTENCY = 1.4826  # makes the median absolute deviation estimate a normal distribution's sigma
@@ -213,7 +213,7 @@ def reconstruct(
     targets = torch.tensor(classes, device=device)
     task = progress.add_task(label, total=settings.steps) if progress else None
     classifier.eval()
-    with optimisation_steps(classifier, images[:1]):
+    with optimisation_steps(classifier, images[:1], has_convolution):
         for step in range(settings.steps):
             batch = torch.randperm(len(images), generator=generator)[: settings.batch_size].to(device)
             mask, pattern = torch.sigmoid(mask_logits), torch.sigmoid(pattern_logits)

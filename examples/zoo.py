@@ -76,6 +76,9 @@ ZOO: dict[str, tuple[str, tuple[str, ...]]] = {
     # A fifth family, whose blocks are plain attributes rather than a Sequential (the stage is found by chaining).
     "t_googlenet_blend20": ("tune", (*GOOGLENET, "--attack", "blended", "--blend-pattern", "smooth",
                                      "--blend-alpha", "0.2", "--target", "6", "--seed", "43")),
+    # Added later to tune the no-trigger edit's cost on GoogLeNet (its report patch models had shown it).
+    "t_googlenet_yellow4_bl": ("tune", (*GOOGLENET, "--attack", "badnets", "--patch-color", "255,255,0",
+                                        "--patch-size", "4", "--patch-pos", "bl", "--target", "5", "--seed", "45")),
     "googlenet_noise": ("report", (*GOOGLENET, "--attack", "noise", "--blend-alpha", "0.1", "--target", "2",
                                    "--seed", "47")),
     "googlenet_red4_tr": ("report", (*GOOGLENET, "--attack", "badnets", "--patch-color", "255,0,0",

@@ -332,28 +332,41 @@ def test_the_scan_verdict_does_not_depend_on_the_seed(demo, seed):
     assert json.loads(result.stdout)["models"][0]["scan"]["flagged"] == [0]
 
 
+class _EachStep:
+    """Stands in for the progress bar, which reconstruct advances once a step: records `probe()` at each step."""
+
+    def __init__(self, probe):
+        self.probe, self.seen = probe, []
+
+    def add_task(self, *args, **kwargs):
+        return 0
+
+    def advance(self, task):
+        self.seen.append(self.probe())
+
+
 def test_the_scans_steps_run_small_map_convolutions_in_their_smaller_form():
     torch.manual_seed(0)
     model = wide_cnn().eval()  # on 2x2 images the stage's 3x3 convolutions see 1x1 maps
     conv = model.stage[0].conv1
-    seen = []
-
-    class Recorder:  # stands in for the progress bar, which reconstruct advances once a step
-        def add_task(self, *args, **kwargs):
-            return 0
-
-        def advance(self, task):
-            seen.append("forward" in vars(conv))
-
-    scan_module.reconstruct(model, torch.rand(6, 3, 2, 2), torch.arange(6) % 2, [0], ScanSettings(steps=3), 0,
-                            Recorder())
-    assert seen == [True] * 3
+    steps = _EachStep(lambda: "forward" in vars(conv))
+    scan_module.reconstruct(model, torch.rand(6, 3, 2, 2), torch.arange(6) % 2, [0], ScanSettings(steps=3), 0, steps)
+    assert steps.seen == [True] * 3
     assert "forward" not in vars(conv)
+
+
+def test_the_scans_steps_run_a_model_without_grouped_convolutions_channels_last():
+    torch.manual_seed(0)
+    model = wide_cnn().eval()  # no grouped convolution: predictions keep its layout, the scan does not
+    weight = lambda: model.stem[0].weight  # noqa: E731
+    steps = _EachStep(lambda: weight().is_contiguous(memory_format=torch.channels_last))
+    scan_module.reconstruct(model, torch.rand(6, 3, 8, 8), torch.arange(6) % 2, [0], ScanSettings(steps=3), 0, steps)
+    assert steps.seen == [True] * 3
+    assert weight().is_contiguous()
 
 
 def test_dilated_grows_the_mask_by_one_pixel_and_keeps_the_pattern():
     from backdoor_scrub.scan import dilated
-    from backdoor_scrub.triggers import Trigger
 
     mask = torch.zeros(1, 8, 8)
     mask[0, 3, 4] = 0.5
