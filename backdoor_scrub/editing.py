@@ -36,8 +36,7 @@ class EditSettings:
     # direction-erasure's ridge (erasure.py), strongest change first; `erasure_ridge` without calibration
     erasure_ridges: tuple[float, ...] = (0.3, 1.0, 3.0)
     erasure_ridge: float = 1.0
-    erasure_min_growth: float = 1.5  # auto keeps it where the rescan's trigger is at least this times the scan's
-    erasure_max_grown_asr: float = 0.1  # ... and the reconstruction grown by 2 pixels flips at most this share
+    erasure_max_grown_asr: float = 0.1  # auto keeps it where the reconstruction grown by 2 pixels flips at most this
     erasure_min_samples: int = 500  # its regression keeps clean outputs only with more rows than 100 (CA -1.9 -> -0.2)
     input_strengths: tuple[Strength, ...] = (Strength(1.0, 1e-4), Strength(10.0, 1e-4))
     input_max_changed: float = 0.5  # a patch changes few of the first convolution's receptive fields

@@ -23,7 +23,7 @@ from backdoor_scrub.commands.common import (
     warn_line,
 )
 from backdoor_scrub.commands.samples import Samples
-from backdoor_scrub.commands.scanning import ScanReport, class_mask_size, rescan_class, scan_checkpoint
+from backdoor_scrub.commands.scanning import ScanReport, rescan_class, scan_checkpoint
 from backdoor_scrub.editing import (
     EditRecord,
     EditSettings,
@@ -161,9 +161,7 @@ def _edit_suspect(
                 return edited, record
             if method == "direction-erasure":
                 grown = lambda: _grown_reconstruction_asr(edited, samples, suspect.scanned, before.target)  # noqa: E731
-                growth = lambda: _residual_growth(edited, checkpoint, samples, suspect.scanned,  # noqa: E731
-                                                  report.settings, request.seed)
-                return _erasure_checked(edited, record, settings, grown, growth, lambda: checked(fallback))
+                return _erasure_checked(edited, record, settings, grown, lambda: checked(fallback))
             return _checked(edited, record, settings, lambda: run(fallback))
 
         return checked(method)
@@ -196,12 +194,6 @@ def _erase_reconstruction(model: nn.Module, scanned: ClassScan, samples: Samples
     return _run_edit(model, inputs, keys, labels, names, "direction-erasure", settings, seed, target, samples)
 
 
-def _residual_growth(edited: nn.Module, checkpoint: Checkpoint, samples: Samples, scanned: ClassScan,
-                     settings: ScanSettings, seed: int) -> float:
-    """How many times the scan's mask size the class's smallest trigger on the edited model is (fresh restarts)."""
-    return class_mask_size(edited, checkpoint, samples, scanned.index, settings, seed + 1) / max(scanned.mask_l1, 1e-12)
-
-
 def _grown_reconstruction_asr(edited: nn.Module, samples: Samples, scanned: ClassScan, target: int) -> float:
     """The share of the samples of other classes that the scan's reconstruction, grown by two pixels, sends to the
     class on the edited model, less the share sent there without it (its floor)."""
@@ -210,33 +202,34 @@ def _grown_reconstruction_asr(edited: nn.Module, samples: Samples, scanned: Clas
 
 
 def _erasure_checked(edited: nn.Module, record: EditRecord, settings: EditSettings, grown_asr: Callable[[], float],
-                     growth: Callable[[], float],
                      fallback: Callable[[], tuple[nn.Module, EditRecord]]) -> tuple[nn.Module, EditRecord]:
     """The direction erasure, or the fallback where the erasure falls short (_erasure_shortfall)."""
-    reason = _erasure_shortfall(record.calibration, settings, grown_asr, growth)
+    reason = _erasure_shortfall(record.calibration, settings, grown_asr)
     if reason is None:
         return edited, record
     return _instead_of(record, reason, *fallback())
 
 
-def _erasure_shortfall(calibration: dict | None, settings: EditSettings, grown_asr: Callable[[], float],
-                       growth: Callable[[], float]) -> str | None:
+def _erasure_shortfall(calibration: dict | None, settings: EditSettings, grown_asr: Callable[[], float]) -> str | None:
     """Why the erasure falls short, or None: it got a held-out target-class sample wrong that the unedited model got
     right, or more than `check_max_lost` of the held-out samples fewer right, or the reconstruction grown by two
-    pixels still sends more than `erasure_max_grown_asr` of the samples to the class over its floor (`grown_asr()`),
-    or `growth()` (the edited model's smallest trigger for the class over the scan's, a rescan run last) is under
-    `erasure_min_growth`.
+    pixels still sends more than `erasure_max_grown_asr` of the samples to the class over its floor (`grown_asr()`,
+    run only where the held-out samples pass).
 
     The held-out flips of a reconstruction do not measure the erasure: a few pixels keep other ways to the
     target, while the real patch's direction is gone (tuning MobileNetV3s: 18-38 of 75-78 held-out flips left,
     real ASR 0.2-2.0%). Where the direction was also the target class's own (the demo: a shift of 7-10 clean
     standard deviations, not 40-400), the class lost 2 of its 6 held-out samples, and 34 points on the test set.
-    Where the erasure missed the backdoor, the rescan finds a trigger as small as before (a red patch: 0.9-1.1
-    times the scan's mask, real ASR 87-89%; where it worked, 1.9-2.5 times). A white patch, whose shift has more
-    of its length off the direction (3% of its energy, not 1%), kept 28-41% real ASR on a tuning ResNet-18 while
-    the rescan found nothing: there the reconstruction grown into more of the patch still sent 21-30% of the
-    samples to the class over its floor, where the erasure had worked at most 6% (tuning ShuffleNetV2, ResNet-18
-    and MobileNetV3s).
+    A white patch, whose shift has more of its length off the direction (3% of its energy, not 1%), kept 28-41%
+    real ASR on a tuning ResNet-18: there the reconstruction grown into more of the patch still sent 21-30% of
+    the samples to the class over its floor, where the erasure had worked at most 6% (tuning ShuffleNetV2,
+    ResNet-18 and MobileNetV3s). A red patch whose direction the erasure missed (tuning MobileNetV3, real ASR
+    87-89%) sent 39-53%.
+
+    A rescan of the erased model (its smallest trigger for the class at least 1.5 times the scan's) was a fourth
+    check until this release: it declined a tuning MobileNetV3's working erasure (0.98 times; 0.4% real ASR
+    against the closed form's 19.9%), and the grown reconstruction alone decides all six tuning MobileNetV3
+    runs (two seeds of three models) as the real trigger would.
     """
     if calibration and "held_out_unedited" in calibration:  # not calibrated (a single sample): the probes alone
         edited, unedited = calibration["held_out"], calibration["held_out_unedited"]
@@ -249,9 +242,6 @@ def _erasure_shortfall(calibration: dict | None, settings: EditSettings, grown_a
     excess = grown_asr()
     if excess > settings.erasure_max_grown_asr:
         return f"the reconstruction grown by two pixels still sent {excess:.0%} of the samples to the class"
-    ratio = growth()
-    if ratio < settings.erasure_min_growth:
-        return f"the edited model still had a trigger {ratio:.2f} times the scan's mask size"
     return None
 
 

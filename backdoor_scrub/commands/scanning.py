@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from backdoor_scrub.commands.samples import Samples
 from backdoor_scrub.data import to_unit_range, with_normalization
 from backdoor_scrub.files import make_folder, write_atomically
 from backdoor_scrub.progress import progress_reporter
-from backdoor_scrub.scan import ClassScan, ScanSettings, mask_l1, reconstruct, scan
+from backdoor_scrub.scan import ClassScan, ScanSettings, reconstruct, scan
 from backdoor_scrub.triggers import Trigger
 
 SHEET_SCALE = 4
@@ -77,15 +76,6 @@ def rescan_class(
     classifier, images, labels = _scan_inputs(model, checkpoint, samples)
     return reconstruct(classifier, images, labels, [index] * len(starts), settings, seed, start=starts,
                        fixed_mask=fixed_mask)
-
-
-def class_mask_size(model: torch.nn.Module, checkpoint: Checkpoint, samples: Samples, index: int,
-                    settings: ScanSettings, seed: int) -> float:
-    """The median mask size of `settings.restarts` fresh reconstructions of one class's trigger on `model`: the
-    scan's measure of that class, for a model the scan has not seen (an edited copy)."""
-    classifier, images, labels = _scan_inputs(model, checkpoint, samples)
-    triggers = reconstruct(classifier, images, labels, [index] * settings.restarts, settings, seed)
-    return statistics.median(mask_l1(trigger) for trigger in triggers)
 
 
 def _scan_inputs(model: torch.nn.Module, checkpoint: Checkpoint, samples: Samples) -> tuple:
