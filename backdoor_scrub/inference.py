@@ -65,9 +65,19 @@ def batch_for(batch_size: int, input_size: tuple[int, ...]) -> int:
     return max(1, min(batch_size, MAX_BATCH_VALUES // math.prod(input_size)))
 
 
+def has_grouped_convolution(model: nn.Module) -> bool:
+    """Whether any convolution of the model is grouped (depthwise convolutions are)."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
+def has_convolution(model: nn.Module) -> bool:
+    """Whether the model has any 2-d convolution."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 @contextmanager
 def fast_layout(model: nn.Module, device: torch.device,
-                faster_channels_last: Callable[[nn.Module], bool] | None = None) -> Iterator[nn.Module]:
+                faster_channels_last: Callable[[nn.Module], bool] = has_grouped_convolution) -> Iterator[nn.Module]:
     """`model` with its convolution weights channels-last inside the block where that is faster: on CPU,
     for models with grouped (depthwise) convolutions; restored to the usual layout afterwards.
 
@@ -76,7 +86,7 @@ def fast_layout(model: nn.Module, device: torch.device,
     EfficientNet-B0, MNASNet, RegNetY and ShuffleNetV2 1.2-1.5x (forward); ResNet-18, which has no
     grouped convolution, within 6% either way, so it is left as it is. Results agree to float rounding.
 
-    `faster_channels_last` replaces that rule (has_grouped_convolution) where another is faster. The scan's
+    `faster_channels_last` is that rule (has_grouped_convolution), replaced where another is faster. The scan's
     steps (forward and backward through the whole network, 64 images here) run channels-last for any model with
     a convolution (`has_convolution`): randomly initialised torchvision families at their smallest input, a
     step 1.33x faster for GoogLeNet, 1.34x DenseNet-121, 1.37x SqueezeNet, 1.28x RegNetX, 1.16x ResNet-50,
@@ -88,7 +98,6 @@ def fast_layout(model: nn.Module, device: torch.device,
     Re-entrant: inside an outer block for the same model, an inner one changes nothing, so a loop of
     passes (a calibration's candidates) relays the weights once, not once a pass.
     """
-    faster_channels_last = faster_channels_last or has_grouped_convolution
     if device.type != "cpu" or id(model) in _RELAID or not faster_channels_last(model):
         yield model
         return
@@ -103,23 +112,13 @@ def fast_layout(model: nn.Module, device: torch.device,
 
 @contextmanager
 def optimisation_steps(model: nn.Module, example: torch.Tensor,
-                       faster_channels_last: Callable[[nn.Module], bool] | None = None) -> Iterator[nn.Module]:
+                       faster_channels_last: Callable[[nn.Module], bool] = has_grouped_convolution) -> Iterator[nn.Module]:
     """The block an optimisation loop (activation matching, the scan) runs its steps in: `model` in its fast
     layout (fast_layout), its convolutions on tiny maps in their smaller form for inputs shaped like `example`
     (one row), and glibc's heap for the buffers every step allocates again."""
     with (fast_layout(model, example.device, faster_channels_last), small_map_convolutions(model, example),
           heap_for_repeated_steps()):
         yield model
-
-
-def has_grouped_convolution(model: nn.Module) -> bool:
-    """Whether any convolution of the model is grouped (depthwise convolutions are)."""
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-
-
-def has_convolution(model: nn.Module) -> bool:
-    """Whether the model has any 2-d convolution."""
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _relayout(model: nn.Module, memory_format: torch.memory_format) -> None:
