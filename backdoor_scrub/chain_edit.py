@@ -227,8 +227,7 @@ def calibrate(
         "held_out_unedited": unedited.as_dict(),
         "erases_target": erases_target(scores[chosen], unedited),
         "candidates": [{**asdict(s), "flips": h.flips, "changed": h.changed,
-                        "residual": round(h.residual, 4), "drift": round(h.drift, 4),
-                        "divergence": round(h.divergence, 4)}
+                        "residual": round(h.residual, 4), "divergence": round(h.divergence, 4)}
                        for s, h in zip(strengths, scores)],
     }
     return strengths[chosen], report

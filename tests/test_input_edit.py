@@ -147,8 +147,7 @@ def test_a_trigger_that_flips_nothing_leaves_the_input_convolution_alone_without
 
 def held_out(flips: int, correct: int, changed: int) -> HeldOut:
     """Held-out scores of 100 samples, 85 of which the trigger could flip."""
-    return HeldOut(images=100, victims=85, flips=flips, residual=float(flips), changed=changed, correct=correct,
-                   drift=float(changed))
+    return HeldOut(images=100, victims=85, flips=flips, residual=float(flips), changed=changed, correct=correct)
 
 
 def test_an_input_edit_that_costs_held_out_accuracy_is_not_kept_however_many_flips_it_stops():
@@ -156,7 +155,7 @@ def test_an_input_edit_that_costs_held_out_accuracy_is_not_kept_however_many_fli
     # VGG-11-BN with a checkerboard: the strong edit stops 58% of the flips and gets 8 samples fewer right.
     assert choose_input_edit([held_out(36, 77, 28), held_out(83, 84, 10), left], 0.5, 0.02) == 2
     # Two samples fewer right is within 2% of 100: the edit that stops every flip is kept.
-    assert choose_input_edit([held_out(0, 83, 3), held_out(2, 85, 2), left], 0.5, 0.02) == 0
+    assert choose_input_edit([held_out(0, 83, 3), held_out(1, 85, 1), left], 0.5, 0.02) == 0
     # Free, but it leaves more than half of the flips: not an edit of the trigger's entry.
     assert choose_input_edit([held_out(50, 85, 0), left], 0.5, 0.02) == 1
     assert choose_input_edit([held_out(36, 77, 28), left], 0.5, 0.1) == 0
